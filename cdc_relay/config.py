@@ -1,0 +1,228 @@
+"""Configuration: one frozen value built from a TOML file and ``CDC_RELAY_*`` variables.
+
+Every setting has a TOML key (``slot``) and an environment variable (``CDC_RELAY_SLOT``); the
+environment wins so that a container can override a baked-in file. Validation happens once, at
+load time, and a bad value becomes a ``ConfigError`` naming the setting — the daemon never finds
+out at 3 a.m. that a template refers to a column that does not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from cdc_relay.errors import ConfigError
+
+ENV_PREFIX = "CDC_RELAY_"
+_NAME_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+ROUTING_FIELDS = ("aggregatetype", "aggregateid", "type")
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """All settings of the relay. Field docs feed ``cdc-relay --help``."""
+
+    pg_dsn: str
+    amqp_url: str
+    slot: str = "cdc_relay"
+    publication: str = "cdc_relay"
+    outbox_table: str = "public.outbox"
+    exchange: str = "outbox"
+    exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    declare_exchange: bool = True
+    routing_key: str = "{aggregatetype}.{type}"
+    create_slot: bool = False
+    max_in_flight: int = 2000
+    status_interval: float = 10.0
+    flush_delay: float = 0.05
+    stop_timeout: float = 30.0
+    amqp_heartbeat: int = 30
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "logfmt"] = "json"
+    column_id: str = "id"
+    column_aggregate_type: str = "aggregatetype"
+    column_aggregate_id: str = "aggregateid"
+    column_type: str = "type"
+    column_payload: str = "payload"
+    column_headers: str = "headers"
+    column_traceparent: str = "traceparent"
+    column_created_at: str = "created_at"
+
+    @property
+    def outbox_schema(self) -> str:
+        return split_table(self.outbox_table)[0]
+
+    @property
+    def outbox_name(self) -> str:
+        return split_table(self.outbox_table)[1]
+
+
+HELP: dict[str, str] = {
+    "pg_dsn": "PostgreSQL connection string (URL or key=value); the role needs REPLICATION",
+    "amqp_url": "RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F",
+    "slot": "logical replication slot the relay owns (pgoutput); ^[a-z0-9_]{1,63}$",
+    "publication": "publication covering the outbox table; ^[a-z0-9_]{1,63}$",
+    "outbox_table": "outbox table, schema-qualified",
+    "exchange": "RabbitMQ exchange events are published to",
+    "exchange_type": "exchange type used when declaring it: topic, direct, fanout, headers",
+    "declare_exchange": "declare the exchange (durable) at start; false if it is managed elsewhere",
+    "routing_key": "routing key template; fields: {aggregatetype} {aggregateid} {type}",
+    "create_slot": "let `run` create a missing slot and publication (otherwise `init` does)",
+    "max_in_flight": "unconfirmed messages allowed before the relay stops reading the WAL",
+    "status_interval": "seconds between standby status updates (keep below wal_sender_timeout)",
+    "flush_delay": "seconds to wait after progress before reporting it (batches status updates)",
+    "stop_timeout": "seconds a graceful stop waits for the open transaction and its confirms",
+    "amqp_heartbeat": "AMQP heartbeat seconds (detects a half-open broker connection)",
+    "reconnect_min": "first reconnect backoff in seconds",
+    "reconnect_max": "largest reconnect backoff in seconds",
+    "log_level": "debug, info, warning or error",
+    "log_format": "json or logfmt",
+    "column_id": "outbox column holding the event id (becomes message_id)",
+    "column_aggregate_type": "outbox column holding the aggregate type",
+    "column_aggregate_id": "outbox column holding the aggregate id",
+    "column_type": "outbox column holding the event type",
+    "column_payload": "outbox column holding the JSON payload",
+    "column_headers": "optional outbox column with extra AMQP headers (JSON object)",
+    "column_traceparent": "optional outbox column with a W3C traceparent",
+    "column_created_at": "optional outbox column with the event time",
+}
+
+REQUIRED = ("pg_dsn", "amqp_url")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def split_table(name: str) -> tuple[str, str]:
+    """``"public.outbox"`` → ``("public", "outbox")``; a bare name lives in ``public``."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return "public", parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise ConfigError("outbox_table", f"expected schema.table, got {name!r}")
+
+
+def _validate(cfg: Config) -> None:
+    for key in ("slot", "publication"):
+        value = getattr(cfg, key)
+        if not _NAME_RE.match(value):
+            raise ConfigError(
+                key, f"{value!r} is not a valid name: use 1-63 of a-z, 0-9 and _ only"
+            )
+    for part in split_table(cfg.outbox_table):
+        if not _IDENT_RE.match(part):
+            raise ConfigError(
+                "outbox_table", f"{cfg.outbox_table!r}: {part!r} is not a plain SQL identifier"
+            )
+    for key in HELP:
+        if key.startswith("column_") and not _IDENT_RE.match(getattr(cfg, key)):
+            raise ConfigError(key, f"{getattr(cfg, key)!r} is not a plain SQL identifier")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(cfg.routing_key) if f is not None]
+    except ValueError as exc:
+        raise ConfigError("routing_key", f"bad template: {exc}") from None
+    for f in fields:
+        if f not in ROUTING_FIELDS:
+            raise ConfigError(
+                "routing_key", f"unknown field {{{f}}}; use {', '.join(ROUTING_FIELDS)}"
+            )
+    if len(cfg.exchange) > 255:
+        raise ConfigError("exchange", "longer than 255 bytes")
+    positive = ("max_in_flight", "status_interval", "stop_timeout", "reconnect_min")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(key, "must be greater than 0")
+    if cfg.flush_delay < 0:
+        raise ConfigError("flush_delay", "must be 0 or more")
+    if cfg.reconnect_max < cfg.reconnect_min:
+        raise ConfigError("reconnect_max", "must be at least reconnect_min")
+    if cfg.amqp_heartbeat < 0:
+        raise ConfigError("amqp_heartbeat", "must be 0 (off) or more")
+    for key in REQUIRED:
+        if not getattr(cfg, key).strip():
+            raise ConfigError(key, f"is empty; set {env_name(key)} or {key} in the config file")
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    section = data.get("relay", data)
+    if not isinstance(section, dict):
+        raise ConfigError("--config", "[relay] must be a table")
+    return dict(section)
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge file < environment < explicit overrides, then validate.
+
+    Keys may sit at the top level of the TOML file or under ``[relay]``.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = _from_file(path) if path is not None else {}
+    for key in raw:
+        if key not in HELP:
+            raise ConfigError(key, f"unknown setting in {path}; see `cdc-relay --help`")
+    for key in HELP:
+        value = env.get(env_name(key))
+        if value is not None:
+            raw[key] = value
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in REQUIRED:
+        if key not in raw:
+            raise ConfigError(key, f"is required; set {env_name(key)} or {key} in the config file")
+    try:
+        cfg = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _named(exc) from None
+    _validate(cfg)
+    return cfg
+
+
+def _named(exc: msgspec.ValidationError) -> ConfigError:
+    text = str(exc)
+    m = re.search(r"at `\$\.(\w+)`", text)
+    key = m.group(1) if m else "config"
+    problem = text.split(" - at ", maxsplit=1)[0]
+    return ConfigError(key, f"{problem} (from {env_name(key)} or the config file)")
+
+
+_URL_PW = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
+_KV_PW = re.compile(r"(?P<key>password\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs and key=value DSNs so errors can be logged safely."""
+    text = _URL_PW.sub(lambda m: m.group("scheme") + "***@", text)
+    return _KV_PW.sub(lambda m: m.group("key") + "***", text)
+
+
+def describe_settings() -> str:
+    """The settings table shown by ``--help``."""
+    lines = []
+    defaults = {f.name: f.default for f in msgspec.structs.fields(Config)}
+    for key, text in HELP.items():
+        default = "required" if key in REQUIRED else f"default {defaults[key]!r}"
+        lines.append(f"  {key:<22} {env_name(key)}\n      {text} ({default})")
+    return "\n".join(lines)

@@ -1,0 +1,471 @@
+"""The wiring: one event loop that owns the replication socket and the AMQP connection.
+
+A *session* is one replication connection plus one AMQP connection. Data is decoded, mapped and
+published as it arrives; confirms come back as callbacks on the same loop, so there is no queue
+between threads and no lock. Any failure ends the whole session: the relay closes both sides,
+backs off, and resumes from the slot — the slot's confirmed position is the only state that
+survives, which is what makes a crash at any point safe (DESIGN.md, the checkpoint rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import tenacity
+from pika.adapters.select_connection import IOLoop, PollEvents
+
+from cdc_relay import catalog
+from cdc_relay.checkpoint import CheckpointTracker
+from cdc_relay.config import Config
+from cdc_relay.errors import RelayError
+from cdc_relay.lsn import Lsn
+from cdc_relay.messages import MessageBuilder, TransactionInfo
+from cdc_relay.outbox import OutboxColumns, OutboxMapper
+from cdc_relay.pgoutput import Begin, Commit, Insert, Relation, Truncate, decode
+from cdc_relay.postgres import ReplicationStream
+from cdc_relay.rabbitmq import Publisher
+from cdc_relay.replication import (
+    PrimaryKeepalive,
+    parse_copy_data,
+    pg_now_us,
+    standby_status_update,
+)
+
+log = logging.getLogger("cdc_relay")
+
+READ = PollEvents.READ
+WRITE = PollEvents.WRITE
+FORCED_EXIT_GRACE = 5.0  # seconds a closing session may take before the loop is stopped anyway
+
+
+class StopSignal:
+    """SIGTERM/SIGINT as something both the event loop and a backoff sleep can wait on.
+
+    The handler only sets a flag; ``signal.set_wakeup_fd`` makes the kernel-level wakeup visible
+    on a socket the loop watches, so nothing lock-taking ever runs inside a signal handler.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def install(self) -> None:
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            # a second Ctrl-C: the operator wants out now
+            os._exit(130)
+        self.requested = True
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def drain(self) -> None:
+        try:
+            while self._r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking at once on a stop request (tenacity's sleep)."""
+        deadline = time.monotonic() + seconds
+        while not self.requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            import select
+
+            select.select([self._r], [], [], left)
+            self.drain()
+
+
+class Session:
+    """One streaming session; ``run`` returns on a graceful stop and raises on failure."""
+
+    def __init__(self, cfg: Config, stop: StopSignal) -> None:
+        self.cfg = cfg
+        self._stop = stop
+        self.healthy = False  # streamed and confirmed something: reset the backoff
+        self._ioloop = IOLoop()
+        self._error: RelayError | None = None
+        self._done = False
+        self._stopping = False
+        self._read_stopped = False  # graceful stop: no more WAL after the open transaction
+        self._backpressured = False
+        self._streaming = False
+        self._pg_events = 0
+        self._write_pending = False
+        self._flush_timer: object | None = None
+        self._reported = Lsn(0)
+        self._tx: TransactionInfo | None = None
+        self._stream = ReplicationStream(cfg.pg_dsn, cfg.slot)
+        self._tracker = CheckpointTracker(Lsn(0))
+        self._mapper = OutboxMapper(
+            cfg.outbox_schema,
+            cfg.outbox_name,
+            OutboxColumns(
+                id=cfg.column_id,
+                aggregate_type=cfg.column_aggregate_type,
+                aggregate_id=cfg.column_aggregate_id,
+                type=cfg.column_type,
+                payload=cfg.column_payload,
+                headers=cfg.column_headers,
+                traceparent=cfg.column_traceparent,
+                created_at=cfg.column_created_at,
+            ),
+        )
+        self._builder: MessageBuilder | None = None
+        self._publisher = Publisher(
+            cfg.amqp_url,
+            cfg.exchange,
+            cfg.exchange_type,
+            cfg.declare_exchange,
+            cfg.amqp_heartbeat,
+            self._ioloop,
+            on_ready=self._guard(self._on_broker_ready),
+            on_confirm=self._on_confirm,
+            on_failure=self._fail,
+            on_closed=self._on_broker_closed,
+        )
+        self.published = 0
+        self.confirmed = 0
+
+    # -- entry point ----------------------------------------------------------------------------
+    def run(self) -> None:
+        start = catalog.prepare(self.cfg)
+        self._tracker = CheckpointTracker(start)
+        self._reported = start
+        try:
+            info = self._stream.connect()
+            self._builder = MessageBuilder(self.cfg.slot, info.dbname, self.cfg.routing_key)
+            self._ioloop.add_handler(self._stop.fileno(), self._on_stop_signal, READ)
+            self._publisher.connect()
+            if self._stop.requested:
+                self._ioloop.add_callback_threadsafe(self._request_stop)
+            self._ioloop.start()
+        finally:
+            self._stream.close()
+            self._ioloop.close()
+        if self._error is not None:
+            raise self._error
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def guarded() -> None:
+            try:
+                fn()
+            except RelayError as err:
+                self._fail(err)
+            except Exception as exc:
+                log.exception("internal error")
+                self._fail(RelayError(f"internal error: {type(exc).__name__}: {exc}"))
+
+        return guarded
+
+    # -- broker side ----------------------------------------------------------------------------
+    def _on_broker_ready(self) -> None:
+        if self._done:
+            return
+        self._stream.start(self.cfg.publication, self._tracker.confirmed)
+        self._streaming = True
+        self._ioloop.add_handler(self._stream.fileno(), self._on_pg_event, READ)
+        self._pg_events = READ
+        self._ioloop.call_later(self.cfg.status_interval, self._status_tick)
+        log.info(
+            "streaming",
+            extra={
+                "slot": self.cfg.slot,
+                "lsn": str(self._tracker.confirmed),
+                "exchange": self.cfg.exchange,
+            },
+        )
+        self._update_reading()
+        if self._stopping:
+            self._request_stop()
+
+    def _on_confirm(self, tag: int, multiple: bool, ack: bool) -> None:
+        if self._done:
+            return
+        if not ack:
+            self._tracker.nack(tag, multiple)
+            self._fail(
+                RelayError(
+                    "broker nacked a message (queue full or internal error); will retry",
+                    slot=self.cfg.slot,
+                    delivery_tag=tag,
+                )
+            )
+            return
+        before = self._tracker.in_flight
+        self._tracker.ack(tag, multiple)
+        self.confirmed += before - self._tracker.in_flight
+        if self._backpressured and self._tracker.in_flight <= self.cfg.max_in_flight // 2:
+            self._backpressured = False
+            self._update_reading()
+        self._progress()
+        self._maybe_finish()
+
+    def _on_broker_closed(self) -> None:
+        if self._done:
+            self._ioloop.stop()
+
+    # -- replication side -----------------------------------------------------------------------
+    def _on_pg_event(self, _fd: int, events: int) -> None:
+        try:
+            if events & WRITE:
+                self._write_pending = self._stream.flush()
+                self._update_events()
+            if events & READ and self._reading:
+                self._stream.consume()
+                self._drain()
+        except RelayError as err:
+            self._fail(err)
+        except Exception as exc:
+            log.exception("internal error")
+            self._fail(RelayError(f"internal error: {type(exc).__name__}: {exc}"))
+
+    @property
+    def _reading(self) -> bool:
+        return self._streaming and not (self._done or self._read_stopped or self._backpressured)
+
+    def _drain(self) -> None:
+        stream = self._stream
+        while self._reading:
+            data = stream.read()
+            if data is None:
+                return
+            self._on_copy_data(data)
+
+    def _on_copy_data(self, data: memoryview) -> None:
+        frame = parse_copy_data(data)
+        tracker = self._tracker
+        if isinstance(frame, PrimaryKeepalive):
+            tracker.received(frame.wal_end)
+            if tracker.keepalive(frame.wal_end):
+                self._progress()
+            if frame.reply_requested:
+                self._send_status()
+            return
+        tracker.received(frame.data_start)
+        msg = decode(frame.payload)
+        if isinstance(msg, Insert):
+            event = self._mapper.event(msg, frame.data_start)
+            if event is None:
+                return
+            tx = self._tx
+            if tx is None:
+                raise RelayError("INSERT outside a transaction", lsn=frame.data_start)
+            assert self._builder is not None
+            out = self._builder.build(event, tx)
+            tracker.publish()
+            self._publisher.publish(out)
+            self.published += 1
+            if tracker.in_flight >= self.cfg.max_in_flight:
+                self._backpressured = True
+                self._update_reading()
+        elif isinstance(msg, Begin):
+            tracker.begin()
+            self._tx = TransactionInfo(msg.xid, msg.final_lsn, msg.commit_time)
+        elif isinstance(msg, Commit):
+            tracker.commit(msg.end_lsn)
+            self._tx = None
+            if self._stopping:
+                self._read_stopped = True
+                self._update_reading()
+            self._progress()
+            self._maybe_finish()
+        elif isinstance(msg, Relation):
+            self._mapper.relation(msg)
+        elif isinstance(msg, Truncate) and any(
+            self._mapper.is_outbox_oid(oid) for oid in msg.relation_oids
+        ):
+            log.info("outbox truncated; no events", extra={"lsn": str(frame.data_start)})
+        # Update, Delete, Type, Origin, Message: no events
+
+    def _update_reading(self) -> None:
+        want = READ if self._reading else 0
+        if want and not self._pg_events & READ:
+            # libpq may hold complete messages already read from the socket
+            self._pg_events |= READ
+            self._update_events()
+            self._drain()
+            return
+        if not want:
+            self._pg_events &= ~READ
+        self._update_events()
+
+    def _update_events(self) -> None:
+        if not self._streaming or self._done:
+            return
+        events = (self._pg_events & READ) | (WRITE if self._write_pending else 0)
+        self._pg_events = events
+        self._ioloop.update_handler(self._stream.fileno(), events)
+
+    # -- checkpoint reporting --------------------------------------------------------------------
+    def _progress(self) -> None:
+        """Report a moved confirmed point soon, batching bursts of acks into one update."""
+        if self._tracker.confirmed > self._reported and self._flush_timer is None:
+            self._flush_timer = self._ioloop.call_later(self.cfg.flush_delay, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_timer = None
+        self._send_status()
+        if not self.healthy and self.confirmed:
+            self.healthy = True
+
+    def _status_tick(self) -> None:
+        if self._done:
+            return
+        self._send_status()
+        self._ioloop.call_later(self.cfg.status_interval, self._status_tick)
+
+    def _send_status(self) -> None:
+        if not self._streaming or self._done:
+            return
+        try:
+            flush = self._tracker.confirmed
+            self._write_pending = self._stream.send(
+                standby_status_update(self._tracker.written, flush, flush, pg_now_us())
+            )
+            self._reported = flush
+            self._update_events()
+            log.debug("status update", extra={"slot": self.cfg.slot, "lsn": str(flush)})
+        except RelayError as err:
+            self._fail(err)
+
+    # -- stopping ----------------------------------------------------------------------------------
+    def _on_stop_signal(self, _fd: int, _events: int) -> None:
+        self._stop.drain()
+        if self._stop.requested:
+            self._request_stop()
+
+    def _request_stop(self) -> None:
+        if self._done:
+            return
+        if not self._stopping:
+            self._stopping = True
+            log.info(
+                "stopping: finishing the open transaction and waiting for confirms",
+                extra={"in_flight": self._tracker.in_flight},
+            )
+            self._ioloop.call_later(self.cfg.stop_timeout, self._stop_timeout)
+        if not self._streaming:
+            self._shutdown()
+            return
+        if not self._tracker.in_transaction:
+            self._read_stopped = True
+            self._update_reading()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if (
+            self._stopping
+            and self._read_stopped
+            and self._tracker.in_flight == 0
+            and not self._done
+        ):
+            log.info(
+                "stopped cleanly",
+                extra={"slot": self.cfg.slot, "lsn": str(self._tracker.confirmed)},
+            )
+            self._shutdown()
+
+    def _stop_timeout(self) -> None:
+        if self._done:
+            return
+        log.warning(
+            "stop timeout: unconfirmed events will be sent again on restart",
+            extra={"in_flight": self._tracker.in_flight, "lsn": str(self._tracker.confirmed)},
+        )
+        self._shutdown()
+
+    def _fail(self, err: RelayError) -> None:
+        if self._error is None and not self._done:
+            self._error = err
+        self._tracker.fail()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Report what is safe, close both sides, and let ``run`` return."""
+        if self._done:
+            return
+        if self._streaming:
+            # the tracker froze on failure, so this only ever reports confirmed events
+            self._send_status()
+            with contextlib.suppress(RelayError):  # best effort: the server may be gone
+                self._stream.flush()
+        self._done = True
+        if self._streaming:
+            self._ioloop.remove_handler(self._stream.fileno())
+        self._stream.close()
+        self._ioloop.call_later(FORCED_EXIT_GRACE, self._ioloop.stop)
+        self._publisher.close()
+
+
+class Relay:
+    """Runs sessions until stopped; retryable failures back off, others end the process."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop = StopSignal()
+        self._failures = 0
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=cfg.reconnect_min, max=cfg.reconnect_max
+        )
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        # tenacity counts every attempt; a session that streamed fine restarts the backoff
+        counted = copy.copy(state)
+        counted.attempt_number = max(1, self._failures)
+        return float(self._backoff(counted))
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "retrying after failure",
+            extra={
+                "error": str(err),
+                "retry_in_s": round(state.upcoming_sleep, 2),
+                "slot": self.cfg.slot,
+            },
+        )
+
+    def _session(self) -> None:
+        session = Session(self.cfg, self.stop)
+        try:
+            session.run()
+        except RelayError:
+            self._failures = 1 if session.healthy else self._failures + 1
+            raise
+
+    def run(self) -> int:
+        self.stop.install()
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
+            wait=self._wait,
+            stop=lambda _s: self.stop.requested,
+            sleep=self.stop.wait,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            retrying(self._session)
+        except RelayError as err:
+            if self.stop.requested and err.retryable:
+                return 0
+            log.error(str(err), extra={"retryable": err.retryable, "slot": self.cfg.slot})
+            return 1
+        return 0

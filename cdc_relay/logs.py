@@ -1,0 +1,57 @@
+"""Structured logs: one JSON object (or logfmt line) per record.
+
+Context such as slot, LSN and event id travels as ``extra={...}`` so log pipelines can index it;
+payloads and credentials are never passed to the logger in the first place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z",
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            out[key] = value if isinstance(value, int | float | bool | None) else str(value)
+    if record.exc_info and record.exc_info[0] is not None:
+        out["error_type"] = record.exc_info[0].__name__
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_fields(record), ensure_ascii=False)
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        for key, value in _fields(record).items():
+            text = str(value)
+            if not text or any(c in text for c in ' ="'):
+                text = json.dumps(text, ensure_ascii=False)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+def setup(level: str = "info", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pika narrates every connection step at INFO; keep its warnings only
+    logging.getLogger("pika").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,196 @@
+"""The broker side: pika's SelectConnection in confirm mode, as a thin adapter.
+
+SelectConnection is the adapter measured to reach the broker's ceiling with pipelined confirms
+(AsyncioConnection ~25% slower, blocking confirms an order of magnitude slower), and its IOLoop
+lets the replication socket share the same loop: one thread, no queue, no lock. Everything the
+broker says (ack, nack, return, close, blocked) is turned into a callback on the owner; this
+module never decides whether an event is safe — the checkpoint tracker does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import IOLoop, SelectConnection
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from cdc_relay.config import redact
+from cdc_relay.errors import AuthenticationFailed, ConnectionLost, PublishFailed, RelayError
+from cdc_relay.messages import APP_ID, CONTENT_TYPE, OutgoingMessage
+
+log = logging.getLogger(__name__)
+
+OnConfirm = Callable[[int, bool, bool], None]  # (delivery_tag, multiple, ack)
+OnFailure = Callable[[RelayError], None]
+
+
+class Publisher:
+    """One AMQP connection and one confirm-mode channel publishing to one exchange."""
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        exchange_type: str,
+        declare: bool,
+        heartbeat: int,
+        ioloop: IOLoop,
+        on_ready: Callable[[], None],
+        on_confirm: OnConfirm,
+        on_failure: OnFailure,
+        on_closed: Callable[[], None],
+    ) -> None:
+        try:
+            self._params = pika.URLParameters(url)
+        except Exception as exc:  # noqa: BLE001 - pika raises assorted types for bad URLs
+            raise RelayError(f"amqp_url is not a valid AMQP URL: {redact(str(exc))}") from None
+        self._params.heartbeat = heartbeat
+        self._params.blocked_connection_timeout = None
+        self._params.client_properties = {"connection_name": "cdc-relay"}
+        self._exchange = exchange
+        self._exchange_type = exchange_type
+        self._declare = declare
+        self._ioloop = ioloop
+        self._on_ready = on_ready
+        self._on_confirm = on_confirm
+        self._on_failure = on_failure
+        self._on_closed = on_closed
+        self._connection: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._closing = False
+        self.blocked = False
+        self.ready = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def connect(self) -> None:
+        self._connection = SelectConnection(
+            parameters=self._params,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def close(self) -> None:
+        """Close politely; ``on_closed`` fires once the connection is gone."""
+        self._closing = True
+        self.ready = False
+        conn = self._connection
+        if conn is None or conn.is_closed:
+            self._on_closed()
+            return
+        if not conn.is_closing:
+            try:
+                conn.close()
+            except pika.exceptions.ConnectionWrongStateError:
+                self._on_closed()
+
+    @property
+    def closed(self) -> bool:
+        return self._connection is None or self._connection.is_closed
+
+    # -- publishing ---------------------------------------------------------------------------
+    def publish(self, msg: OutgoingMessage) -> None:
+        """Queue one persistent, mandatory message; its confirm arrives via ``on_confirm``."""
+        channel = self._channel
+        if channel is None or not self.ready:
+            raise PublishFailed("broker channel is not open", event_id=msg.message_id)
+        props = BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            message_id=msg.message_id,
+            type=msg.type,
+            timestamp=msg.timestamp,
+            app_id=APP_ID,
+            headers=msg.headers,
+        )
+        channel.basic_publish(self._exchange, msg.routing_key, msg.body, props, mandatory=True)
+
+    # -- pika callbacks -----------------------------------------------------------------------
+    def _on_connection_open(self, connection: Any) -> None:
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_open_error(self, _connection: Any, error: BaseException | str) -> None:
+        text = redact(str(error) or type(error).__name__)
+        if isinstance(
+            error,
+            pika.exceptions.ProbableAuthenticationError
+            | pika.exceptions.AuthenticationError
+            | pika.exceptions.ProbableAccessDeniedError,
+        ):
+            self._on_failure(AuthenticationFailed(f"RabbitMQ refused the credentials: {text}"))
+        else:
+            self._on_failure(ConnectionLost(f"cannot connect to RabbitMQ: {text}"))
+        self._on_closed()
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        self.ready = False
+        self._channel = None
+        if not self._closing:
+            self._on_failure(ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}"))
+        self._on_closed()
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_ack_nack, callback=self._on_confirm_ok)
+
+    def _on_confirm_ok(self, _frame: Any) -> None:
+        if not self._declare:
+            self._set_ready()
+            return
+        assert self._channel is not None
+        self._channel.exchange_declare(
+            exchange=self._exchange,
+            exchange_type=self._exchange_type,
+            durable=True,
+            callback=lambda _frame: self._set_ready(),
+        )
+
+    def _set_ready(self) -> None:
+        self.ready = True
+        self._on_ready()
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        self.ready = False
+        self._channel = None
+        if self._closing:
+            return
+        self._on_failure(
+            PublishFailed(f"broker closed the channel: {reason}", exchange=self._exchange)
+        )
+
+    def _on_ack_nack(self, frame: Any) -> None:
+        method = frame.method
+        self._on_confirm(
+            int(method.delivery_tag), bool(method.multiple), isinstance(method, Basic.Ack)
+        )
+
+    def _on_return(
+        self, _channel: Channel, method: Basic.Return, props: BasicProperties, _body: bytes
+    ) -> None:
+        # the body is never logged: payloads may hold personal data
+        self._on_failure(
+            PublishFailed(
+                f"broker returned an unroutable message ({method.reply_code} {method.reply_text})"
+                f": no queue is bound for routing key {method.routing_key!r}",
+                exchange=self._exchange,
+                event_id=props.message_id,
+            )
+        )
+
+    def _on_blocked(self, _connection: Any, _frame: Any) -> None:
+        self.blocked = True
+        log.warning("broker blocked publishing (resource alarm); holding the WAL position")
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        self.blocked = False
+        log.info("broker unblocked publishing")

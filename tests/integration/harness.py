@@ -1,0 +1,252 @@
+"""Building blocks for integration tests: a per-test database, the relay as a real process, an
+independent consumer, and an outbox writer. Each test gets its own database, slot, exchange and
+queue on the suite's shared servers, so tests cannot see each other's events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+
+from tests.sandbox import PostgresSandbox, RabbitSandbox
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dsn_for(pg: PostgresSandbox, dbname: str) -> str:
+    return pg.url.rsplit("/", 1)[0] + "/" + dbname
+
+
+@dataclass
+class Delivery:
+    message_id: str
+    routing_key: str
+    body: dict[str, Any]
+    headers: dict[str, Any]
+    properties: pika.BasicProperties
+    raw: bytes
+
+
+@dataclass
+class Env:
+    """Everything one test needs: names, DSNs, and helpers bound to them."""
+
+    pg: PostgresSandbox
+    rabbit: RabbitSandbox
+    name: str
+    dbname: str
+    dsn: str
+    exchange: str
+    queue: str
+    tmp: Path
+    relays: list[Relay] = field(default_factory=list)
+
+    def relay_env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_RELAY_")}
+        env.update(
+            CDC_RELAY_PG_DSN=self.dsn,
+            CDC_RELAY_AMQP_URL=self.rabbit.amqp_url,
+            CDC_RELAY_SLOT=self.name,
+            CDC_RELAY_PUBLICATION=self.name,
+            CDC_RELAY_EXCHANGE=self.exchange,
+            CDC_RELAY_STATUS_INTERVAL="1",
+            CDC_RELAY_LOG_LEVEL="info",
+            CDC_RELAY_RECONNECT_MIN="0.2",
+            CDC_RELAY_RECONNECT_MAX="2",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update({f"CDC_RELAY_{k.upper()}": v for k, v in overrides.items()})
+        return env
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cdc_relay.cli", *args],
+            env=env or self.relay_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            check=False,
+        )
+
+    def init(self) -> None:
+        out = self.cli("init", "--create-outbox")
+        assert out.returncode == 0, out.stderr
+        self.bind_queue()
+
+    def start_relay(self, **overrides: str) -> Relay:
+        relay = Relay(self, self.relay_env(**overrides), len(self.relays))
+        self.relays.append(relay)
+        return relay
+
+    @contextmanager
+    def sql(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            yield conn
+
+    def bind_queue(self) -> None:
+        with self.channel() as ch:
+            ch.exchange_declare(self.exchange, "topic", durable=True)
+            ch.queue_declare(self.queue, durable=True)
+            ch.queue_bind(self.queue, self.exchange, "#")
+
+    @contextmanager
+    def channel(self) -> Iterator[Any]:
+        conn = pika.BlockingConnection(pika.URLParameters(self.rabbit.amqp_url))
+        try:
+            yield conn.channel()
+        finally:
+            if conn.is_open:
+                conn.close()
+
+    def consume(self, expected: int, timeout: float = 60, settle: float = 0.5) -> list[Delivery]:
+        """Read until ``expected`` messages arrived (or timeout), then ``settle`` more seconds
+        to catch extras (duplicates or events that should not exist)."""
+        out: list[Delivery] = []
+        deadline = time.monotonic() + timeout
+        with self.channel() as ch:
+            ch.basic_qos(prefetch_count=1000)
+            settle_until: float | None = None
+            for method, props, body in ch.consume(self.queue, inactivity_timeout=0.2):
+                if method is not None:
+                    out.append(
+                        Delivery(
+                            message_id=props.message_id,
+                            routing_key=method.routing_key,
+                            body=json.loads(body),
+                            headers=dict(props.headers or {}),
+                            properties=props,
+                            raw=body,
+                        )
+                    )
+                    ch.basic_ack(method.delivery_tag)
+                now = time.monotonic()
+                if len(out) >= expected and settle_until is None:
+                    settle_until = now + settle
+                if (settle_until is not None and now >= settle_until) or now >= deadline:
+                    break
+            ch.cancel()
+        return out
+
+    def queue_depth(self) -> int:
+        with self.channel() as ch:
+            return int(
+                ch.queue_declare(self.queue, durable=True, passive=True).method.message_count
+            )
+
+    def slot_flush(self) -> int:
+        with self.sql() as c:
+            row = c.execute(
+                "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
+                "WHERE slot_name = %s",
+                (self.name,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def current_lsn(self) -> int:
+        with self.sql() as c:
+            row = c.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def wait_for(self, predicate: Any, timeout: float = 30, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Relay:
+    """cdc-relay as a real child process, so signals and kill -9 behave as in production."""
+
+    def __init__(self, env: Env, proc_env: dict[str, str], index: int) -> None:
+        self.log_path = env.tmp / f"relay-{index}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc_relay.cli", "run"],
+            env=proc_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_streaming(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if '"msg": "streaming"' in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"relay not streaming after {timeout}s:\n{self.log()}")
+
+    def terminate(self, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"relay ignored SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
+
+
+def outbox_row(
+    aggregate: str, seq: int, payload: Any = None, type_: str = "OrderPlaced"
+) -> tuple[str, str, str, str, str | None]:
+    body = {"seq": seq, "aggregate": aggregate} if payload is None else payload
+    return (str(uuid.uuid4()), "order", aggregate, type_, None if body is ... else json.dumps(body))
+
+
+def insert_events(
+    conn: psycopg.Connection[tuple[Any, ...]], rows: Iterable[tuple[str, str, str, str, str | None]]
+) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
+            "VALUES (%s, %s, %s, %s, %s::jsonb)",
+            list(rows),
+        )
+
+
+def assert_per_aggregate_order(deliveries: list[Delivery]) -> None:
+    """First deliveries of each aggregate arrive in ascending ``seq`` order."""
+    seen: set[str] = set()
+    last: dict[str, int] = {}
+    for d in deliveries:
+        if d.message_id in seen:
+            continue
+        seen.add(d.message_id)
+        agg = d.body["aggregate_id"]
+        seq = d.body["payload"]["seq"]
+        assert seq > last.get(agg, -1), f"aggregate {agg}: seq {seq} after {last[agg]}"
+        last[agg] = seq
