@@ -108,6 +108,7 @@ class Session:
         self._backpressured = False
         self._streaming = False
         self._pg_events = 0
+        self._pg_fd = -1
         self._write_pending = False
         self._flush_timer: object | None = None
         self._reported = Lsn(0)
@@ -137,7 +138,7 @@ class Session:
             cfg.amqp_heartbeat,
             self._ioloop,
             on_ready=self._guard(self._on_broker_ready),
-            on_confirm=self._on_confirm,
+            on_confirm=self._guard(self._on_confirm),
             on_failure=self._fail,
             on_closed=self._on_broker_closed,
         )
@@ -152,10 +153,10 @@ class Session:
         try:
             info = self._stream.connect()
             self._builder = MessageBuilder(self.cfg.slot, info.dbname, self.cfg.routing_key)
-            self._ioloop.add_handler(self._stop.fileno(), self._on_stop_signal, READ)
+            self._ioloop.add_handler(self._stop.fileno(), self._guard(self._on_stop_signal), READ)
             self._publisher.connect()
             if self._stop.requested:
-                self._ioloop.add_callback_threadsafe(self._request_stop)
+                self._ioloop.add_callback_threadsafe(self._guard(self._request_stop))
             self._ioloop.start()
         finally:
             self._stream.close()
@@ -163,10 +164,12 @@ class Session:
         if self._error is not None:
             raise self._error
 
-    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def guarded() -> None:
+    def _guard(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """Wrap a loop callback: any failure ends the session cleanly instead of the loop."""
+
+        def guarded(*args: object) -> None:
             try:
-                fn()
+                fn(*args)
             except RelayError as err:
                 self._fail(err)
             except Exception as exc:
@@ -181,9 +184,10 @@ class Session:
             return
         self._stream.start(self.cfg.publication, self._tracker.confirmed)
         self._streaming = True
-        self._ioloop.add_handler(self._stream.fileno(), self._on_pg_event, READ)
+        self._pg_fd = self._stream.fileno()
+        self._ioloop.add_handler(self._pg_fd, self._guard(self._on_pg_event), READ)
         self._pg_events = READ
-        self._ioloop.call_later(self.cfg.status_interval, self._status_tick)
+        self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
         log.info(
             "streaming",
             extra={
@@ -224,18 +228,12 @@ class Session:
 
     # -- replication side -----------------------------------------------------------------------
     def _on_pg_event(self, _fd: int, events: int) -> None:
-        try:
-            if events & WRITE:
-                self._write_pending = self._stream.flush()
-                self._update_events()
-            if events & READ and self._reading:
-                self._stream.consume()
-                self._drain()
-        except RelayError as err:
-            self._fail(err)
-        except Exception as exc:
-            log.exception("internal error")
-            self._fail(RelayError(f"internal error: {type(exc).__name__}: {exc}"))
+        if events & WRITE:
+            self._write_pending = self._stream.flush()
+            self._update_events()
+        if events & READ and self._reading:
+            self._stream.consume()
+            self._drain()
 
     @property
     def _reading(self) -> bool:
@@ -312,13 +310,15 @@ class Session:
             return
         events = (self._pg_events & READ) | (WRITE if self._write_pending else 0)
         self._pg_events = events
-        self._ioloop.update_handler(self._stream.fileno(), events)
+        self._ioloop.update_handler(self._pg_fd, events)
 
     # -- checkpoint reporting --------------------------------------------------------------------
     def _progress(self) -> None:
         """Report a moved confirmed point soon, batching bursts of acks into one update."""
         if self._tracker.confirmed > self._reported and self._flush_timer is None:
-            self._flush_timer = self._ioloop.call_later(self.cfg.flush_delay, self._flush_due)
+            self._flush_timer = self._ioloop.call_later(
+                self.cfg.flush_delay, self._guard(self._flush_due)
+            )
 
     def _flush_due(self) -> None:
         self._flush_timer = None
@@ -330,7 +330,7 @@ class Session:
         if self._done:
             return
         self._send_status()
-        self._ioloop.call_later(self.cfg.status_interval, self._status_tick)
+        self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
 
     def _send_status(self) -> None:
         if not self._streaming or self._done:
@@ -361,7 +361,7 @@ class Session:
                 "stopping: finishing the open transaction and waiting for confirms",
                 extra={"in_flight": self._tracker.in_flight},
             )
-            self._ioloop.call_later(self.cfg.stop_timeout, self._stop_timeout)
+            self._ioloop.call_later(self.cfg.stop_timeout, self._guard(self._stop_timeout))
         if not self._streaming:
             self._shutdown()
             return
@@ -402,14 +402,16 @@ class Session:
         """Report what is safe, close both sides, and let ``run`` return."""
         if self._done:
             return
-        if self._streaming:
-            # the tracker froze on failure, so this only ever reports confirmed events
-            self._send_status()
-            with contextlib.suppress(RelayError):  # best effort: the server may be gone
-                self._stream.flush()
         self._done = True
         if self._streaming:
-            self._ioloop.remove_handler(self._stream.fileno())
+            # the tracker froze on failure, so this only ever reports confirmed events
+            with contextlib.suppress(RelayError):  # best effort: the server may be gone
+                flush = self._tracker.confirmed
+                self._stream.send_final(
+                    standby_status_update(self._tracker.written, flush, flush, pg_now_us())
+                )
+                self._reported = flush
+            self._ioloop.remove_handler(self._pg_fd)
         self._stream.close()
         self._ioloop.call_later(FORCED_EXIT_GRACE, self._ioloop.stop)
         self._publisher.close()

@@ -11,8 +11,11 @@ lives in the sans-I/O modules; this file only moves bytes and turns libpq failur
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -140,47 +143,66 @@ class ReplicationStream:
     def fileno(self) -> int:
         return self.pgconn.socket
 
-    def consume(self) -> None:
-        """Pull whatever the socket has into libpq's buffer (never blocks)."""
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[pq.abc.PGconn]:
+        """Every libpq failure while streaming is a lost connection (psycopg raises some)."""
         pgconn = self.pgconn
         try:
-            pgconn.consume_input()
-        except Exception as exc:  # noqa: BLE001 - psycopg.OperationalError on a dead socket
+            yield pgconn
+        except psycopg.Error as exc:
             raise ConnectionLost(
-                f"replication connection lost: {redact(str(exc)).strip()}", slot=self._slot
+                f"replication connection lost while {what}: {redact(str(exc)).strip()}",
+                slot=self._slot,
             ) from None
+
+    def consume(self) -> None:
+        """Pull whatever the socket has into libpq's buffer (never blocks)."""
+        with self._io("reading") as pgconn:
+            pgconn.consume_input()
 
     def read(self) -> memoryview | None:
         """The next complete CopyData message already buffered, or None if none is."""
-        n, data = self.pgconn.get_copy_data(1)
-        if n > 0:
-            return data
-        if n == 0:
-            return None
-        if n == -1:
-            # the server ended the COPY: fetch the final result for its reason
-            res = self.pgconn.get_result()
-            reason = (
-                redact(res.error_message.decode(errors="replace").strip()) if res else ""
-            ) or "server ended the replication stream"
-            raise ConnectionLost(reason, slot=self._slot)
-        raise ConnectionLost(
-            f"replication stream failed: {_error_text(self.pgconn)}", slot=self._slot
-        )
+        with self._io("reading") as pgconn:
+            n, data = pgconn.get_copy_data(1)
+            if n > 0:
+                return data
+            if n == 0:
+                return None
+            if n == -1:
+                # the server ended the COPY: fetch the final result for its reason
+                res = pgconn.get_result()
+                reason = (
+                    redact(res.error_message.decode(errors="replace").strip()) if res else ""
+                ) or "server ended the replication stream"
+                raise ConnectionLost(reason, slot=self._slot)
+            raise ConnectionLost(
+                f"replication stream failed: {_error_text(pgconn)}", slot=self._slot
+            )
 
     def send(self, data: bytes) -> bool:
         """Queue one CopyData message and try to flush; True if bytes are still pending."""
-        pgconn = self.pgconn
-        if pgconn.put_copy_data(data) != 1:
-            raise ConnectionLost(
-                f"cannot send to the replication connection: {_error_text(pgconn)}",
-                slot=self._slot,
-            )
+        with self._io("sending") as pgconn:
+            if pgconn.put_copy_data(data) != 1:
+                raise ConnectionLost(
+                    f"cannot send to the replication connection: {_error_text(pgconn)}",
+                    slot=self._slot,
+                )
         return self.flush()
+
+    def send_final(self, data: bytes) -> None:
+        """Send one last message and wait until libpq has written it (used before closing)."""
+        with self._io("sending the final status update") as pgconn:
+            pgconn.nonblocking = 0
+            if pgconn.put_copy_data(data) != 1 or pgconn.flush() != 0:
+                raise ConnectionLost(
+                    f"cannot send the final status update: {_error_text(pgconn)}",
+                    slot=self._slot,
+                )
 
     def flush(self) -> bool:
         """Push queued bytes; True while some remain (wait for the socket to be writable)."""
-        rc = self.pgconn.flush()
+        with self._io("flushing") as pgconn:
+            rc = pgconn.flush()
         if rc < 0:
             raise ConnectionLost(
                 f"cannot flush the replication connection: {_error_text(self.pgconn)}",

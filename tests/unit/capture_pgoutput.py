@@ -69,12 +69,11 @@ def read_capture(path: Path) -> list[CapturedMessage]:
         line = raw_line.strip()
         if not line:
             continue
+        if line.startswith("# lsn="):
+            fields = dict(part.split("=", 1) for part in line[2:].split())
+            lsn, xid = fields["lsn"], int(fields["xid"])
+            continue
         if line.startswith("#"):
-            fields = dict(
-                part.split("=", 1) for part in line[1:].split() if "=" in part and part[0] != "="
-            )
-            if "lsn" in fields and "xid" in fields:
-                lsn, xid = fields["lsn"], int(fields["xid"])
             continue
         messages.append(CapturedMessage(bytes.fromhex(line), lsn, xid))
         lsn = xid = None

@@ -415,13 +415,30 @@ def test_memoryview_input_decodes_to_the_same_and_copies(raw: bytes) -> None:
             assert value is None or type(value) in (bytes, Binary) or value is UNCHANGED
 
 
-def test_large_rows_take_the_view_path_by_default() -> None:
-    raw = CAPTURES["toast"][2].data
+def test_large_rows_take_the_view_path_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    copied_out: list[TupleData] = []
+    real_owned = pgoutput._owned
+
+    def spy(values: TupleData) -> TupleData:
+        copied_out.append(values)
+        return real_owned(values)
+
+    monkeypatch.setattr(pgoutput, "_owned", spy)
+    big = b"lorem ipsum " * (pgoutput.VIEW_COPY_LIMIT // 12 + 1)
+    raw = encode(Insert(16406, (b"1", Binary(big), big, None)))
     assert len(raw) > pgoutput.VIEW_COPY_LIMIT
-    insert = decode(memoryview(raw))
-    assert isinstance(insert, Insert)
+    buffer = bytearray(raw)
+    insert = decode(memoryview(buffer))
+    assert len(copied_out) == 1  # decoded from the view, values copied out once
+    assert isinstance(copied_out[0][2], memoryview)
+    decode(memoryview(CAPTURES["toast"][2].data))  # a 6 KB row is copied up front instead
+    assert len(copied_out) == 1
+    buffer[:] = bytes(len(buffer))
+    assert insert == Insert(16406, (b"1", Binary(big), big, None))
     assert type(insert.new[2]) is bytes
-    assert insert.new[2] == b"lorem ipsum " * 500
+    binary = insert.new[1]
+    assert isinstance(binary, Binary)
+    assert type(binary.data) is bytes
 
 
 def test_other_memoryview_formats_are_read_as_bytes() -> None:
