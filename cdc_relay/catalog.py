@@ -53,8 +53,11 @@ def connect(cfg: Config) -> psycopg.Connection[tuple[object, ...]]:
         if "password authentication failed" in text or "no pg_hba.conf entry" in text:
             raise AuthenticationFailed(f"PostgreSQL refused the credentials: {text}") from None
         raise ConnectionLost(f"cannot connect to PostgreSQL: {text}") from None
-    except psycopg.ProgrammingError as exc:
-        raise SetupError(f"pg_dsn is not a valid connection string: {redact(str(exc))}") from None
+    except psycopg.ProgrammingError:
+        # libpq's parse error may quote a fragment of the password: never echo it
+        raise SetupError(
+            "pg_dsn is not a valid connection string (check quoting and %-encoding)"
+        ) from None
 
 
 def _one(

@@ -8,6 +8,7 @@ out at 3 a.m. that a template refers to a column that does not exist.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import string
@@ -137,8 +138,15 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 "routing_key", f"unknown field {{{f}}}; use {', '.join(ROUTING_FIELDS)}"
             )
+    try:  # catches format specs and conversions that could never render
+        cfg.routing_key.format(**dict.fromkeys(ROUTING_FIELDS, "x"))
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ConfigError("routing_key", f"template cannot be rendered: {exc}") from None
     if len(cfg.exchange) > 255:
         raise ConfigError("exchange", "longer than 255 bytes")
+    for key in ("status_interval", "flush_delay", "stop_timeout", "reconnect_min", "reconnect_max"):
+        if not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(key, "must be a finite number of seconds")
     positive = ("max_in_flight", "status_interval", "stop_timeout", "reconnect_min")
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -164,9 +172,14 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-    section = data.get("relay", data)
+    if "relay" not in data:
+        return data
+    section = data["relay"]
     if not isinstance(section, dict):
         raise ConfigError("--config", "[relay] must be a table")
+    for key in data:
+        if key != "relay":
+            raise ConfigError(key, f"outside [relay] in {path}; put every setting under [relay]")
     return dict(section)
 
 

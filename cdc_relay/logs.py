@@ -41,7 +41,7 @@ class LogfmtFormatter(logging.Formatter):
         parts = []
         for key, value in _fields(record).items():
             text = str(value)
-            if not text or any(c in text for c in ' ="'):
+            if not text or any(c in '="\\' or c.isspace() or not c.isprintable() for c in text):
                 text = json.dumps(text, ensure_ascii=False)
             parts.append(f"{key}={text}")
         return " ".join(parts)

@@ -137,7 +137,7 @@ def _timestamp(event: OutboxEvent) -> dt.datetime | None:
     except ValueError:
         # 'infinity' and BC dates have no RFC 3339 form; the event is still worth delivering
         return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC) if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def _extra_headers(event: OutboxEvent) -> dict[str, object]:

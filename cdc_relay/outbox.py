@@ -65,6 +65,14 @@ class _Layout:
     created_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class _MissingColumn:
+    """A Relation of the outbox that lacks a required column."""
+
+    relation: str
+    column: str
+
+
 class OutboxMapper:
     """Remembers Relation messages and turns outbox INSERTs into ``OutboxEvent`` values."""
 
@@ -75,7 +83,7 @@ class OutboxMapper:
         self._name = table
         self._columns = columns or OutboxColumns()
         self._relations: dict[int, Relation] = {}
-        self._layouts: dict[int, _Layout | Exception] = {}
+        self._layouts: dict[int, _Layout | _MissingColumn] = {}
 
     def relation(self, rel: Relation) -> None:
         """Apply a Relation message; it replaces any earlier one for the same OID."""
@@ -106,8 +114,14 @@ class OutboxMapper:
                     lsn=lsn,
                 )
             return None
-        if isinstance(layout, Exception):
-            raise layout
+        if isinstance(layout, _MissingColumn):
+            raise OutboxError(
+                f"outbox table has no column {layout.column!r}; restore it or set the "
+                "column_* setting, then restart (the slot has not moved past this event)",
+                relation=layout.relation,
+                column=layout.column,
+                lsn=lsn,
+            )
         row = insert.new
         rel = self.relation_name(insert.relation_oid)
         c = self._columns
@@ -129,7 +143,7 @@ class OutboxMapper:
             lsn=lsn,
         )
 
-    def _layout(self, rel: Relation) -> _Layout | Exception:
+    def _layout(self, rel: Relation) -> _Layout | _MissingColumn:
         index = {col.name: i for i, col in enumerate(rel.columns)}
         c = self._columns
         name = f"{rel.namespace}.{rel.name}"
@@ -137,12 +151,7 @@ class OutboxMapper:
             if required not in index:
                 # kept, not raised: the relay must fail at the first INSERT that needs it,
                 # with that INSERT's LSN, not at a schema change nobody publishes through
-                return OutboxError(
-                    f"outbox table has no column {required!r}; restore it or set the "
-                    "column_* setting",
-                    relation=name,
-                    column=required,
-                )
+                return _MissingColumn(relation=name, column=required)
         payload_type = rel.columns[index[c.payload]].type_oid
         return _Layout(
             id=index[c.id],

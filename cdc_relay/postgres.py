@@ -42,8 +42,11 @@ def replication_conninfo(dsn: str) -> str:
     """The user's DSN plus ``replication=database`` and the session options we need."""
     try:
         params = conninfo_to_dict(dsn)
-    except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError; keep it typed
-        raise SetupError(f"pg_dsn is not a valid connection string: {redact(str(exc))}") from None
+    except psycopg.Error:
+        # libpq's parse error may quote a fragment of the password: never echo it
+        raise SetupError(
+            "pg_dsn is not a valid connection string (check quoting and %-encoding)"
+        ) from None
     options = str(params.get("options") or "")
     params["options"] = f"{options} {SESSION_OPTIONS}".strip()
     params["replication"] = "database"

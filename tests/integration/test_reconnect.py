@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def _write(env: Env, prefix: str, batches: int, per: int, start: int = 0) -> list[str]:
-    ids = []
+    ids: list[str] = []
     with env.sql() as conn:
         for b in range(batches):
             rows = [outbox_row(f"{prefix}{i % 4}", start + b * per + i) for i in range(per)]
@@ -29,10 +29,12 @@ def test_walsender_terminated_then_resumed(env: Env) -> None:
     ids = _write(env, "P", 10, 50)
     with env.sql() as conn:
         env.wait_for(
-            lambda: conn.execute(
-                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
-            ).fetchone()
-            == (1,),
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
+                ).fetchone()
+                == (1,)
+            ),
             what="walsender",
         )
         conn.execute(
