@@ -56,3 +56,14 @@ def test_demo_shows_events_flowing(env: Env) -> None:
     for kind in ("order.OrderPlaced", "inventory.InventoryReserved", "shipment.ShipmentDispatched"):
         assert kind in out.stdout
     assert "6 events received for 6 written" in out.stdout
+
+
+def test_readme_documents_every_setting_and_the_two_commands() -> None:
+    from cdc_relay.config import HELP, env_name
+
+    readme = (REPO / "README.md").read_text()
+    assert "make demo" in readme
+    assert "make test" in readme
+    for key in HELP:
+        assert f"`{key}`" in readme, key
+        assert f"`{env_name(key)}`" in readme, key
