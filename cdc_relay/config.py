@@ -27,6 +27,13 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 ROUTING_FIELDS = ("aggregatetype", "aggregateid", "type")
 
 
+class Route(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Per-table destination overrides (several outbox tables, one per bounded context)."""
+
+    exchange: str | None = None
+    routing_key: str | None = None
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """All settings of the relay. Field docs feed ``cdc-relay --help``."""
 
@@ -57,14 +64,34 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     column_headers: str = "headers"
     column_traceparent: str = "traceparent"
     column_created_at: str = "created_at"
+    logical_messages: bool = True
+    message_prefix: str = "outbox"
+    routes: dict[str, Route] = msgspec.field(default_factory=dict)
+
+    @property
+    def tables(self) -> tuple[tuple[str, str], ...]:
+        """Every outbox table as (schema, name); ``outbox_table`` may list several."""
+        return tuple(split_table(t.strip()) for t in self.outbox_table.split(","))
 
     @property
     def outbox_schema(self) -> str:
-        return split_table(self.outbox_table)[0]
+        return self.tables[0][0]
 
     @property
     def outbox_name(self) -> str:
-        return split_table(self.outbox_table)[1]
+        return self.tables[0][1]
+
+    def columns(self, key: str) -> tuple[str, ...]:
+        """Accepted names of one outbox column: ``column_type = "type,event_type"`` lets a
+        rename be bridged (WAL written before and after the rename both map)."""
+        return tuple(n.strip() for n in getattr(self, f"column_{key}").split(","))
+
+    def route(self, schema: str, table: str) -> tuple[str, str]:
+        """(exchange, routing-key template) for events of one outbox table."""
+        r = self.routes.get(f"{schema}.{table}")
+        if r is None:
+            return self.exchange, self.routing_key
+        return r.exchange or self.exchange, r.routing_key or self.routing_key
 
 
 HELP: dict[str, str] = {
@@ -72,7 +99,7 @@ HELP: dict[str, str] = {
     "amqp_url": "RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F",
     "slot": "logical replication slot the relay owns (pgoutput); ^[a-z0-9_]{1,63}$",
     "publication": "publication covering the outbox table; ^[a-z0-9_]{1,63}$",
-    "outbox_table": "outbox table, schema-qualified",
+    "outbox_table": "outbox table, schema-qualified; several tables separated by commas",
     "exchange": "RabbitMQ exchange events are published to",
     "exchange_type": "exchange type used when declaring it: topic, direct, fanout, headers",
     "declare_exchange": "declare the exchange (durable) at start; false if it is managed elsewhere",
@@ -95,6 +122,10 @@ HELP: dict[str, str] = {
     "column_headers": "optional outbox column with extra AMQP headers (JSON object)",
     "column_traceparent": "optional outbox column with a W3C traceparent",
     "column_created_at": "optional outbox column with the event time",
+    "logical_messages": "also publish pg_logical_emit_message(true, message_prefix, json) events",
+    "message_prefix": "prefix of logical decoding messages that are outbox events",
+    "routes": 'per-table exchange/routing_key overrides: [relay.routes."schema.table"] '
+    "(environment: a JSON object)",
 }
 
 REQUIRED = ("pg_dsn", "amqp_url")
@@ -121,29 +152,34 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 key, f"{value!r} is not a valid name: use 1-63 of a-z, 0-9 and _ only"
             )
-    for part in split_table(cfg.outbox_table):
-        if not _IDENT_RE.match(part):
-            raise ConfigError(
-                "outbox_table", f"{cfg.outbox_table!r}: {part!r} is not a plain SQL identifier"
-            )
+    tables = cfg.tables
+    for table in tables:
+        for part in table:
+            if not _IDENT_RE.match(part):
+                raise ConfigError(
+                    "outbox_table", f"{cfg.outbox_table!r}: {part!r} is not a plain SQL identifier"
+                )
+    if len(set(tables)) != len(tables):
+        raise ConfigError("outbox_table", "lists the same table twice")
     for key in HELP:
-        if key.startswith("column_") and not _IDENT_RE.match(getattr(cfg, key)):
-            raise ConfigError(key, f"{getattr(cfg, key)!r} is not a plain SQL identifier")
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(cfg.routing_key) if f is not None]
-    except ValueError as exc:
-        raise ConfigError("routing_key", f"bad template: {exc}") from None
-    for f in fields:
-        if f not in ROUTING_FIELDS:
+        if key.startswith("column_"):
+            for name in cfg.columns(key.removeprefix("column_")):
+                if not _IDENT_RE.match(name):
+                    raise ConfigError(key, f"{name!r} is not a plain SQL identifier")
+    _check_template("routing_key", cfg.routing_key)
+    _check_exchange("exchange", cfg.exchange)
+    known = {f"{s}.{t}" for s, t in tables}
+    for name, route in cfg.routes.items():
+        if name not in known:
             raise ConfigError(
-                "routing_key", f"unknown field {{{f}}}; use {', '.join(ROUTING_FIELDS)}"
+                "routes", f"{name!r} is not one of the outbox tables ({cfg.outbox_table})"
             )
-    try:  # catches format specs and conversions that could never render
-        cfg.routing_key.format(**dict.fromkeys(ROUTING_FIELDS, "x"))
-    except (ValueError, KeyError, IndexError) as exc:
-        raise ConfigError("routing_key", f"template cannot be rendered: {exc}") from None
-    if len(cfg.exchange) > 255:
-        raise ConfigError("exchange", "longer than 255 bytes")
+        if route.routing_key is not None:
+            _check_template("routes", route.routing_key)
+        if route.exchange is not None:
+            _check_exchange("routes", route.exchange)
+    if not cfg.message_prefix:
+        raise ConfigError("message_prefix", "must not be empty")
     for key in ("status_interval", "flush_delay", "stop_timeout", "reconnect_min", "reconnect_max"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(key, "must be a finite number of seconds")
@@ -160,6 +196,25 @@ def _validate(cfg: Config) -> None:
     for key in REQUIRED:
         if not getattr(cfg, key).strip():
             raise ConfigError(key, f"is empty; set {env_name(key)} or {key} in the config file")
+
+
+def _check_template(key: str, template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(key, f"bad template {template!r}: {exc}") from None
+    for f in fields:
+        if f not in ROUTING_FIELDS:
+            raise ConfigError(key, f"unknown field {{{f}}}; use {', '.join(ROUTING_FIELDS)}")
+    try:  # catches format specs and conversions that could never render
+        template.format(**dict.fromkeys(ROUTING_FIELDS, "x"))
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ConfigError(key, f"template cannot be rendered: {exc}") from None
+
+
+def _check_exchange(key: str, name: str) -> None:
+    if len(name.encode()) > 255:
+        raise ConfigError(key, f"exchange name longer than 255 bytes: {name[:40]!r}...")
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -200,7 +255,7 @@ def load(
     for key in HELP:
         value = env.get(env_name(key))
         if value is not None:
-            raw[key] = value
+            raw[key] = _routes_from_env(value) if key == "routes" else value
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in REQUIRED:
         if key not in raw:
@@ -211,6 +266,13 @@ def load(
         raise _named(exc) from None
     _validate(cfg)
     return cfg
+
+
+def _routes_from_env(value: str) -> Any:
+    try:
+        return msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        raise ConfigError("routes", f"{env_name('routes')} is not a JSON object") from None
 
 
 def _named(exc: msgspec.ValidationError) -> ConfigError:

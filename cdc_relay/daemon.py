@@ -28,8 +28,8 @@ from cdc_relay.config import Config
 from cdc_relay.errors import RelayError
 from cdc_relay.lsn import Lsn
 from cdc_relay.messages import MessageBuilder, TransactionInfo
-from cdc_relay.outbox import OutboxColumns, OutboxMapper
-from cdc_relay.pgoutput import Begin, Commit, Insert, Relation, Truncate, decode
+from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
+from cdc_relay.pgoutput import Begin, Commit, Insert, Message, Relation, Truncate, decode
 from cdc_relay.postgres import ReplicationStream
 from cdc_relay.rabbitmq import Publisher
 from cdc_relay.replication import (
@@ -116,23 +116,15 @@ class Session:
         self._stream = ReplicationStream(cfg.pg_dsn, cfg.slot)
         self._tracker = CheckpointTracker(Lsn(0))
         self._mapper = OutboxMapper(
-            cfg.outbox_schema,
-            cfg.outbox_name,
-            OutboxColumns(
-                id=cfg.column_id,
-                aggregate_type=cfg.column_aggregate_type,
-                aggregate_id=cfg.column_aggregate_id,
-                type=cfg.column_type,
-                payload=cfg.column_payload,
-                headers=cfg.column_headers,
-                traceparent=cfg.column_traceparent,
-                created_at=cfg.column_created_at,
-            ),
+            cfg.tables,
+            OutboxColumns(**{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}),
+            message_prefix=cfg.message_prefix,
         )
+        self._routes = {f"{s}.{t}": cfg.route(s, t) for s, t in cfg.tables}
         self._builder: MessageBuilder | None = None
         self._publisher = Publisher(
             cfg.amqp_url,
-            cfg.exchange,
+            [cfg.exchange, *(exchange for exchange, _ in self._routes.values())],
             cfg.exchange_type,
             cfg.declare_exchange,
             cfg.amqp_heartbeat,
@@ -144,6 +136,7 @@ class Session:
         )
         self.published = 0
         self.confirmed = 0
+        self.ignored_messages = 0
 
     # -- entry point ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -152,7 +145,9 @@ class Session:
         self._reported = start
         try:
             info = self._stream.connect()
-            self._builder = MessageBuilder(self.cfg.slot, info.dbname, self.cfg.routing_key)
+            self._builder = MessageBuilder(
+                self.cfg.slot, info.dbname, self.cfg.routing_key, self.cfg.exchange, self._routes
+            )
             self._ioloop.add_handler(self._stop.fileno(), self._guard(self._on_stop_signal), READ)
             self._publisher.connect()
             if self._stop.requested:
@@ -182,7 +177,9 @@ class Session:
     def _on_broker_ready(self) -> None:
         if self._done:
             return
-        self._stream.start(self.cfg.publication, self._tracker.confirmed)
+        self._stream.start(
+            self.cfg.publication, self._tracker.confirmed, messages=self.cfg.logical_messages
+        )
         self._streaming = True
         self._pg_fd = self._stream.fileno()
         self._ioloop.add_handler(self._pg_fd, self._guard(self._on_pg_event), READ)
@@ -261,19 +258,8 @@ class Session:
         msg = decode(frame.payload)
         if isinstance(msg, Insert):
             event = self._mapper.event(msg, frame.data_start)
-            if event is None:
-                return
-            tx = self._tx
-            if tx is None:
-                raise RelayError("INSERT outside a transaction", lsn=frame.data_start)
-            assert self._builder is not None
-            out = self._builder.build(event, tx)
-            tracker.publish()
-            self._publisher.publish(out)
-            self.published += 1
-            if tracker.in_flight >= self.cfg.max_in_flight:
-                self._backpressured = True
-                self._update_reading()
+            if event is not None:
+                self._publish(event)
         elif isinstance(msg, Begin):
             tracker.begin()
             self._tx = TransactionInfo(msg.xid, msg.final_lsn, msg.commit_time)
@@ -291,7 +277,36 @@ class Session:
             self._mapper.is_outbox_oid(oid) for oid in msg.relation_oids
         ):
             log.info("outbox truncated; no events", extra={"lsn": str(frame.data_start)})
-        # Update, Delete, Type, Origin, Message: no events
+        elif isinstance(msg, Message):
+            event = self._mapper.message_event(msg)
+            if event is not None and self._tx is not None:
+                self._publish(event)
+            else:
+                self.ignored_messages += 1
+                log.debug(
+                    "logical message ignored",
+                    extra={
+                        "prefix": msg.prefix,
+                        "transactional": msg.transactional,
+                        "lsn": str(msg.lsn),
+                        "ignored_total": self.ignored_messages,
+                    },
+                )
+        # Update, Delete, Type, Origin: no events
+
+    def _publish(self, event: OutboxEvent) -> None:
+        tx = self._tx
+        if tx is None:
+            raise RelayError("outbox event outside a transaction", lsn=event.lsn)
+        assert self._builder is not None
+        out = self._builder.build(event, tx)
+        tracker = self._tracker
+        tracker.publish()
+        self._publisher.publish(out)
+        self.published += 1
+        if tracker.in_flight >= self.cfg.max_in_flight:
+            self._backpressured = True
+            self._update_reading()
 
     def _update_reading(self) -> None:
         want = READ if self._reading else 0
@@ -378,7 +393,7 @@ class Session:
             and not self._done
         ):
             log.info(
-                "stopped cleanly",
+                "halted" if self._error else "stopped cleanly",
                 extra={"slot": self.cfg.slot, "lsn": str(self._tracker.confirmed)},
             )
             self._shutdown()
@@ -395,8 +410,24 @@ class Session:
     def _fail(self, err: RelayError) -> None:
         if self._error is None and not self._done:
             self._error = err
+        if not err.retryable and self._streaming and not self._tracker.failed and not self._done:
+            self._halt()
+            return
         self._tracker.fail()
         self._shutdown()
+
+    def _halt(self) -> None:
+        """A data error retrying cannot fix: stop reading before the bad event, but let the
+        broker confirm everything already sent, so the restart after the fix replays little."""
+        log.error(
+            "halting: waiting for confirms of the events before the failing one",
+            extra={"in_flight": self._tracker.in_flight, "slot": self.cfg.slot},
+        )
+        self._stopping = True
+        self._read_stopped = True
+        self._update_reading()
+        self._ioloop.call_later(self.cfg.stop_timeout, self._guard(self._stop_timeout))
+        self._maybe_finish()
 
     def _shutdown(self) -> None:
         """Report what is safe, close both sides, and let ``run`` return."""

@@ -44,23 +44,28 @@ class EnvelopeV1(msgspec.Struct, frozen=True, tag_field="v", tag=1):
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
 class TransactionInfo:
-    """What the Begin message tells about the transaction every event in it belongs to."""
+    """What the Begin message tells about the transaction every event in it belongs to.
 
-    xid: int
-    commit_lsn: Lsn
-    commit_time: int  # µs since 2000-01-01 UTC
+    The derived values are computed once here, at Begin, not once per event.
+    """
 
-    @property
-    def committed_at(self) -> dt.datetime:
-        return PG_EPOCH + dt.timedelta(microseconds=self.commit_time)
+    __slots__ = ("commit_lsn", "commit_lsn_text", "commit_time", "committed_at", "timestamp", "xid")
+
+    def __init__(self, xid: int, commit_lsn: Lsn, commit_time: int) -> None:
+        self.xid = xid
+        self.commit_lsn = commit_lsn
+        self.commit_time = commit_time  # µs since 2000-01-01 UTC
+        self.commit_lsn_text = str(commit_lsn)
+        self.committed_at = PG_EPOCH + dt.timedelta(microseconds=commit_time)
+        self.timestamp = int(self.committed_at.timestamp())
 
 
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """Everything the AMQP adapter needs to publish one event; pika-free so it is testable."""
 
+    exchange: str
     routing_key: str
     body: bytes
     message_id: str
@@ -74,17 +79,29 @@ _headers_decoder = msgspec.json.Decoder(dict[str, object])
 
 
 class MessageBuilder:
-    """Builds outgoing messages for one slot/database with a fixed routing-key template."""
+    """Builds outgoing messages for one slot/database.
 
-    __slots__ = ("_database", "_slot", "_template")
+    Events go to ``exchange`` with ``routing_key_template`` unless their table has a route of
+    its own (several outbox tables, one per bounded context).
+    """
 
-    def __init__(self, slot: str, database: str, routing_key_template: str) -> None:
+    __slots__ = ("_database", "_default", "_routes", "_slot")
+
+    def __init__(
+        self,
+        slot: str,
+        database: str,
+        routing_key_template: str,
+        exchange: str = "outbox",
+        routes: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
         self._slot = slot
         self._database = database
-        self._template = routing_key_template
+        self._default = (exchange, routing_key_template)
+        self._routes = routes or {}
 
     def build(self, event: OutboxEvent, tx: TransactionInfo) -> OutgoingMessage:
-        committed_at = tx.committed_at
+        lsn = str(event.lsn)
         envelope = EnvelopeV1(
             id=event.id,
             aggregate_type=event.aggregate_type,
@@ -92,10 +109,10 @@ class MessageBuilder:
             type=event.type,
             payload=_NULL if event.payload is None else msgspec.Raw(event.payload),
             occurred_at=_timestamp(event),
-            committed_at=committed_at,
+            committed_at=tx.committed_at,
             source=Source(
-                lsn=str(event.lsn),
-                commit_lsn=str(tx.commit_lsn),
+                lsn=lsn,
+                commit_lsn=tx.commit_lsn_text,
                 txid=tx.xid,
                 slot=self._slot,
                 database=self._database,
@@ -106,20 +123,22 @@ class MessageBuilder:
             headers.update(_extra_headers(event))
         headers["aggregate_type"] = event.aggregate_type
         headers["aggregate_id"] = event.aggregate_id
-        headers["source_lsn"] = str(event.lsn)
+        headers["source_lsn"] = lsn
         if event.traceparent:
             headers["traceparent"] = event.traceparent
+        exchange, template = self._routes.get(event.table, self._default)
         return OutgoingMessage(
-            routing_key=self.routing_key(event),
+            exchange=exchange,
+            routing_key=self.routing_key(event, template),
             body=_encoder.encode(envelope),
             message_id=event.id,
             type=event.type,
-            timestamp=int(committed_at.timestamp()),
+            timestamp=tx.timestamp,
             headers=headers,
         )
 
-    def routing_key(self, event: OutboxEvent) -> str:
-        key = self._template.format(
+    def routing_key(self, event: OutboxEvent, template: str | None = None) -> str:
+        key = (template or self._default[1]).format(
             aggregatetype=event.aggregate_type, aggregateid=event.aggregate_id, type=event.type
         )
         if len(key.encode()) > 255:

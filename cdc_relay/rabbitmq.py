@@ -10,7 +10,7 @@ module never decides whether an event is safe — the checkpoint tracker does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -35,7 +35,7 @@ class Publisher:
     def __init__(
         self,
         url: str,
-        exchange: str,
+        exchanges: Sequence[str],
         exchange_type: str,
         declare: bool,
         heartbeat: int,
@@ -52,7 +52,7 @@ class Publisher:
         self._params.heartbeat = heartbeat
         self._params.blocked_connection_timeout = None
         self._params.client_properties = {"connection_name": "cdc-relay"}
-        self._exchange = exchange
+        self._exchanges = tuple(dict.fromkeys(exchanges))
         self._exchange_type = exchange_type
         self._declare = declare
         self._ioloop = ioloop
@@ -109,7 +109,7 @@ class Publisher:
             app_id=APP_ID,
             headers=msg.headers,
         )
-        channel.basic_publish(self._exchange, msg.routing_key, msg.body, props, mandatory=True)
+        channel.basic_publish(msg.exchange, msg.routing_key, msg.body, props, mandatory=True)
 
     # -- pika callbacks -----------------------------------------------------------------------
     def _on_connection_open(self, connection: Any) -> None:
@@ -144,15 +144,18 @@ class Publisher:
         channel.confirm_delivery(ack_nack_callback=self._on_ack_nack, callback=self._on_confirm_ok)
 
     def _on_confirm_ok(self, _frame: Any) -> None:
-        if not self._declare:
+        self._declare_next(list(self._exchanges) if self._declare else [])
+
+    def _declare_next(self, remaining: list[str]) -> None:
+        if not remaining:
             self._set_ready()
             return
         assert self._channel is not None
         self._channel.exchange_declare(
-            exchange=self._exchange,
+            exchange=remaining[0],
             exchange_type=self._exchange_type,
             durable=True,
-            callback=lambda _frame: self._set_ready(),
+            callback=lambda _frame: self._declare_next(remaining[1:]),
         )
 
     def _set_ready(self) -> None:
@@ -164,9 +167,7 @@ class Publisher:
         self._channel = None
         if self._closing:
             return
-        self._on_failure(
-            PublishFailed(f"broker closed the channel: {reason}", exchange=self._exchange)
-        )
+        self._on_failure(PublishFailed(f"broker closed the channel: {reason}"))
 
     def _on_ack_nack(self, frame: Any) -> None:
         method = frame.method
@@ -182,7 +183,7 @@ class Publisher:
             PublishFailed(
                 f"broker returned an unroutable message ({method.reply_code} {method.reply_text})"
                 f": no queue is bound for routing key {method.routing_key!r}",
-                exchange=self._exchange,
+                exchange=method.exchange,
                 event_id=props.message_id,
             )
         )

@@ -73,7 +73,7 @@ def insert(
 
 
 def mapper(columns: tuple[tuple[str, int], ...] = STANDARD_COLUMNS) -> OutboxMapper:
-    m = OutboxMapper("public", "outbox")
+    m = OutboxMapper([("public", "outbox")])
     m.relation(relation(columns))
     return m
 
@@ -105,6 +105,7 @@ def test_insert_into_outbox_becomes_event() -> None:
         traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         created_at="2026-11-27 10:11:12.123456+00",
         lsn=LSN,
+        table="public.outbox",
     )
     assert type(ev.payload) is bytes
     assert type(ev.lsn) is Lsn
@@ -164,14 +165,14 @@ def test_insert_into_other_relation_is_none() -> None:
 
 
 def test_same_table_name_in_another_schema_is_not_the_outbox() -> None:
-    m = OutboxMapper("public", "outbox")
+    m = OutboxMapper([("public", "outbox")])
     m.relation(relation(oid=OTHER_OID, namespace="other"))
     assert m.event(insert(oid=OTHER_OID), LSN) is None
     assert not m.is_outbox_oid(OTHER_OID)
 
 
 def test_mapper_for_another_schema_matches_only_that_schema() -> None:
-    m = OutboxMapper("other", "outbox")
+    m = OutboxMapper([("other", "outbox")])
     m.relation(relation(oid=OUTBOX_OID, namespace="public"))
     m.relation(relation(oid=OTHER_OID, namespace="other"))
     assert m.event(insert(oid=OUTBOX_OID), LSN) is None
@@ -180,15 +181,15 @@ def test_mapper_for_another_schema_matches_only_that_schema() -> None:
 
 
 def test_empty_namespace_means_pg_catalog() -> None:
-    m = OutboxMapper("public", "outbox")
+    m = OutboxMapper([("public", "outbox")])
     rel = relation(namespace="")
     m.relation(rel)
     assert not m.is_outbox(rel)
-    assert OutboxMapper("pg_catalog", "outbox").is_outbox(rel)
+    assert OutboxMapper([("pg_catalog", "outbox")]).is_outbox(rel)
 
 
 def test_table_name_must_match_exactly() -> None:
-    m = OutboxMapper("public", "outbox")
+    m = OutboxMapper([("public", "outbox")])
     for name in ("outbox2", "Outbox", "outbo"):
         assert not m.is_outbox(relation(name=name))
     assert m.is_outbox(relation())
@@ -278,7 +279,7 @@ def test_custom_column_names() -> None:
         "ts": b"2026-01-01 00:00:00+00",
         "type": b"WRONG",
     }
-    m = OutboxMapper("billing", "events", custom)
+    m = OutboxMapper([("billing", "events")], custom)
     m.relation(relation(cols, namespace="billing", name="events"))
     ev = event_of(m, insert(row, cols))
     assert ev == OutboxEvent(
@@ -295,7 +296,7 @@ def test_custom_column_names() -> None:
 
 
 def test_default_column_names_do_not_satisfy_custom_ones() -> None:
-    m = OutboxMapper("public", "outbox", OutboxColumns(payload="body"))
+    m = OutboxMapper([("public", "outbox")], OutboxColumns(payload="body"))
     m.relation(relation())  # has "payload", not "body"
     err = outbox_error(m, insert())
     assert "body" in str(err)
@@ -305,7 +306,7 @@ def test_default_column_names_do_not_satisfy_custom_ones() -> None:
 
 
 def test_relation_without_required_column_does_not_raise_by_itself() -> None:
-    m = OutboxMapper("public", "outbox")
+    m = OutboxMapper([("public", "outbox")])
     m.relation(relation(STANDARD_COLUMNS[1:]))  # no id
     assert m.is_outbox_oid(OUTBOX_OID)
 
