@@ -292,6 +292,7 @@ def test_custom_column_names() -> None:
         traceparent="tp",
         created_at="2026-01-01 00:00:00+00",
         lsn=LSN,
+        table="billing.events",
     )
 
 
