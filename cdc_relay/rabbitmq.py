@@ -29,6 +29,41 @@ OnConfirm = Callable[[int, bool, bool], None]  # (delivery_tag, multiple, ack)
 OnFailure = Callable[[RelayError], None]
 
 
+class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped
+    """A SelectConnection that sends the frames produced in one loop turn with one write.
+
+    pika hands every frame (three per published message) to its transport separately, and the
+    transport issues one send() per frame; at broker speed those syscalls cost more than the
+    encoding. ``_adapter_emit_data`` is pika's documented seam between the protocol and its
+    I/O adapter, so buffering there keeps frame order intact for everything pika sends.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._out: list[bytes] = []
+        self._out_due = False
+        super().__init__(*args, **kwargs)
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._out_due:
+            self._out_due = True
+            self.ioloop.call_later(0, self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._out_due = False
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        transport = getattr(self, "_transport", None)
+        if transport is not None:  # None: the connection is already gone, and so is the data
+            transport.write(data)
+
+    def _adapter_disconnect_stream(self) -> None:
+        self._flush_out()
+        super()._adapter_disconnect_stream()
+
+
 class Publisher:
     """One AMQP connection and one confirm-mode channel publishing to one exchange."""
 
@@ -60,7 +95,7 @@ class Publisher:
         self._on_confirm = on_confirm
         self._on_failure = on_failure
         self._on_closed = on_closed
-        self._connection: SelectConnection | None = None
+        self._connection: _CoalescingConnection | None = None
         self._channel: Channel | None = None
         self._closing = False
         self.blocked = False
@@ -68,7 +103,7 @@ class Publisher:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def connect(self) -> None:
-        self._connection = SelectConnection(
+        self._connection = _CoalescingConnection(
             parameters=self._params,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_open_error,
