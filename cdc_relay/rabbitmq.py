@@ -19,6 +19,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from cdc_relay.amqp import encode_properties, string_headers
 from cdc_relay.config import redact
 from cdc_relay.errors import AuthenticationFailed, ConnectionLost, PublishFailed, RelayError
 from cdc_relay.messages import APP_ID, CONTENT_TYPE, OutgoingMessage
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 
 OnConfirm = Callable[[int, bool, bool], None]  # (delivery_tag, multiple, ack)
 OnFailure = Callable[[RelayError], None]
+
+
+class _EncodedProperties(BasicProperties):  # type: ignore[misc]  # pika is untyped
+    """Properties already encoded by ``cdc_relay.amqp``: pika only asks them to ``encode``."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self._encoded = encoded
+
+    def encode(self) -> list[bytes]:
+        return [self._encoded]
 
 
 class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped
@@ -135,15 +147,23 @@ class Publisher:
         channel = self._channel
         if channel is None or not self.ready:
             raise PublishFailed("broker channel is not open", event_id=msg.message_id)
-        props = BasicProperties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=msg.message_id,
-            type=msg.type,
-            timestamp=msg.timestamp,
-            app_id=APP_ID,
-            headers=msg.headers,
-        )
+        props: BasicProperties
+        if string_headers(msg.headers):
+            props = _EncodedProperties(
+                encode_properties(
+                    CONTENT_TYPE, msg.headers, 2, msg.message_id, msg.timestamp, msg.type, APP_ID
+                )
+            )
+        else:
+            props = BasicProperties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=2,
+                message_id=msg.message_id,
+                type=msg.type,
+                timestamp=msg.timestamp,
+                app_id=APP_ID,
+                headers=msg.headers,
+            )
         channel.basic_publish(msg.exchange, msg.routing_key, msg.body, props, mandatory=True)
 
     # -- pika callbacks -----------------------------------------------------------------------
