@@ -103,7 +103,12 @@ def _sql_errors(cfg: Config, what: str) -> Iterator[None]:
         diag = exc.diag
         text = redact(diag.message_primary or str(exc).strip().split("\n", 1)[0])
         state = exc.sqlstate or ""
-        if not state or state.startswith(_TRANSIENT_SQLSTATES):
+        # no SQLSTATE: a client-side failure; only a broken connection is worth a retry
+        if (
+            state.startswith(_TRANSIENT_SQLSTATES)
+            if state
+            else isinstance(exc, psycopg.OperationalError)
+        ):
             raise ConnectionLost(
                 f"PostgreSQL connection failed while {what}: {text}", slot=cfg.slot
             ) from None
@@ -117,7 +122,7 @@ def _sql_errors(cfg: Config, what: str) -> Iterator[None]:
             ) from None
         hint = f" ({redact(diag.message_hint)})" if diag.message_hint else ""
         raise SetupError(
-            f"PostgreSQL refused {what}: {text}{hint} [SQLSTATE {state}]",
+            f"PostgreSQL refused {what}: {text}{hint} [SQLSTATE {state or 'none'}]",
             slot=cfg.slot,
             publication=cfg.publication,
         ) from None
