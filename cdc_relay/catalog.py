@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from cdc_relay.config import Config, redact
-from cdc_relay.errors import AuthenticationFailed, ConnectionLost, SetupError
+from cdc_relay.errors import AuthenticationFailed, ConnectionLost, SetupError, SlotBusy
 from cdc_relay.lsn import Lsn
 from cdc_relay.postgres import APPLICATION_NAME, quote_ident, quote_literal
 
@@ -54,10 +54,6 @@ _RELKINDS = {
 }
 # SQLSTATEs a retry can fix: connection exceptions, shutdowns, serialization, too many clients
 _TRANSIENT_SQLSTATES = ("08", "57P", "40", "53300")
-
-
-class SlotBusy(ConnectionLost):
-    """The slot is streaming to another connection (another relay instance). Retry later."""
 
 
 @dataclass(frozen=True, slots=True)

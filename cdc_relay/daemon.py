@@ -25,7 +25,7 @@ from pika.adapters.select_connection import IOLoop, PollEvents
 from cdc_relay import catalog
 from cdc_relay.checkpoint import CheckpointTracker
 from cdc_relay.config import Config
-from cdc_relay.errors import RelayError
+from cdc_relay.errors import RelayError, SlotBusy
 from cdc_relay.lsn import Lsn
 from cdc_relay.messages import MessageBuilder, TransactionInfo
 from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
@@ -467,6 +467,16 @@ class Relay:
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome else None
+        if isinstance(err, SlotBusy):
+            log.warning(
+                "standby: another connection holds the slot; retrying",
+                extra={
+                    "error": str(err),
+                    "retry_in_s": round(state.upcoming_sleep, 2),
+                    "slot": self.cfg.slot,
+                },
+            )
+            return
         log.warning(
             "retrying after failure",
             extra={

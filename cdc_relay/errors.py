@@ -75,6 +75,13 @@ class ConnectionLost(RelayError):
     retryable = True
 
 
+class SlotBusy(ConnectionLost):
+    """The slot is streaming to another connection (another relay instance).
+
+    Retryable: this instance waits as a standby and takes over when the holder goes away.
+    """
+
+
 class PublishFailed(RelayError):
     """The broker refused, returned or did not confirm a message.
 

@@ -20,7 +20,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc_relay.config import redact
-from cdc_relay.errors import AuthenticationFailed, ConnectionLost, SetupError
+from cdc_relay.errors import AuthenticationFailed, ConnectionLost, SetupError, SlotBusy
 from cdc_relay.lsn import Lsn
 
 # Session settings the decoder relies on: timestamptz text as ISO 8601 in UTC.
@@ -137,8 +137,10 @@ class ReplicationStream:
                 else ""
             ) or _error_text(pgconn)
             if "is active for PID" in text:
-                raise ConnectionLost(
-                    f"slot is in use by another connection: {text}", slot=self._slot
+                raise SlotBusy(
+                    f"slot {self._slot} is in use by another connection ({text}); "
+                    "waiting as a standby",
+                    slot=self._slot,
                 )
             raise SetupError(f"START_REPLICATION failed: {text}", slot=self._slot)
         pgconn.nonblocking = 1
