@@ -101,7 +101,7 @@ class _MessageEvent(msgspec.Struct, frozen=True):
     aggregateid: str
     type: str
     payload: msgspec.Raw = msgspec.Raw(b"null")
-    headers: msgspec.Raw | None = None
+    headers: msgspec.Raw = msgspec.Raw(b"null")  # msgspec cannot decode ``Raw | None``
     traceparent: str | None = None
 
 
@@ -201,7 +201,7 @@ class OutboxMapper:
                 f"({_short(exc)})",
                 lsn=msg.lsn,
             ) from None
-        headers = bytes(m.headers) if m.headers is not None else None
+        headers: bytes | None = bytes(m.headers)
         if headers == b"null":
             headers = None
         return OutboxEvent(

@@ -405,3 +405,29 @@ def test_text_payload_with_valid_json_is_accepted_verbatim(raw: bytes) -> None:
 def test_text_payload_null_is_none() -> None:
     ev = event_of(mapper(TEXT_PAYLOAD), insert({**STANDARD_ROW, "payload": None}, TEXT_PAYLOAD))
     assert ev.payload is None
+
+
+def test_logical_message_event_with_headers_object() -> None:
+    from cdc_relay.pgoutput import Message
+
+    m = OutboxMapper([("public", "outbox")])
+    content = (
+        b'{"id": "e1", "aggregatetype": "order", "aggregateid": "A", "type": "Paid",'
+        b' "payload": {"n": 1.50}, "headers": {"tenant": "acme"}, "traceparent": "tp"}'
+    )
+    ev = m.message_event(Message(True, LSN, "outbox", content))
+    assert ev is not None
+    assert ev.headers == b'{"tenant": "acme"}'
+    assert ev.payload == b'{"n": 1.50}'
+    assert ev.traceparent == "tp"
+    assert ev.table == ""
+    assert m.message_event(Message(False, LSN, "outbox", content)) is None
+    assert m.message_event(Message(True, LSN, "other", content)) is None
+    no_headers = m.message_event(
+        Message(
+            True, LSN, "outbox", b'{"id":"e2","aggregatetype":"o","aggregateid":"A","type":"T"}'
+        )
+    )
+    assert no_headers is not None
+    assert no_headers.headers is None
+    assert no_headers.payload == b"null"
