@@ -277,7 +277,7 @@ def _routes_from_env(value: str) -> Any:
 
 def _named(exc: msgspec.ValidationError) -> ConfigError:
     text = str(exc)
-    m = re.search(r"at `\$\.(\w+)`", text)
+    m = re.search(r"at `\$\.(\w+)", text)
     key = m.group(1) if m else "config"
     problem = text.split(" - at ", maxsplit=1)[0]
     return ConfigError(key, f"{problem} (from {env_name(key)} or the config file)")

@@ -727,3 +727,50 @@ def test_truncate_publishes_nothing_and_the_relay_keeps_going(env: Env) -> None:
         assert "lsn" in r, r
         assert lsn_int(r["lsn"]) >= truncate_from
     assert relay.terminate() == 0
+
+
+def test_several_outbox_tables_route_to_their_own_exchanges(env: Env) -> None:
+    """One publication, two bounded contexts: each table's events go where its route says."""
+    import json as _json
+    import uuid as _uuid
+
+    with env.sql() as conn:
+        conn.execute("CREATE SCHEMA sales")
+        conn.execute("CREATE SCHEMA billing")
+    tables = "sales.outbox,billing.outbox"
+    routes = _json.dumps(
+        {"billing.outbox": {"exchange": f"{env.exchange}.billing", "routing_key": "bill.{type}"}}
+    )
+    out = env.cli("init", "--create-outbox", env=env.relay_env(outbox_table=tables, routes=routes))
+    assert out.returncode == 0, out.stderr
+    assert "created table sales.outbox" in out.stdout
+    assert "created table billing.outbox" in out.stdout
+    env.bind_queue()  # sales → the default exchange
+    billing_queue = f"{env.queue}.billing"
+    with env.channel() as ch:
+        ch.exchange_declare(f"{env.exchange}.billing", "topic", durable=True)
+        ch.queue_declare(billing_queue, durable=True)
+        ch.queue_bind(billing_queue, f"{env.exchange}.billing", "#")
+    relay = env.start_relay(outbox_table=tables, routes=routes)
+    relay.wait_streaming()
+    sale, bill = str(_uuid.uuid4()), str(_uuid.uuid4())
+    with env.sql() as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO sales.outbox (id, aggregatetype, aggregateid, type, payload) "
+            "VALUES (%s, 'order', 'O-1', 'OrderPlaced', '{\"seq\": 0}')",
+            (sale,),
+        )
+        conn.execute(
+            "INSERT INTO billing.outbox (id, aggregatetype, aggregateid, type, payload) "
+            "VALUES (%s, 'invoice', 'I-1', 'InvoiceIssued', '{\"seq\": 0}')",
+            (bill,),
+        )
+    (sales_msg,) = env.consume(1, settle=1.0)
+    assert sales_msg.message_id == sale
+    assert sales_msg.routing_key == "order.OrderPlaced"
+    env.queue = billing_queue
+    (billing_msg,) = env.consume(1, settle=1.0)
+    assert billing_msg.message_id == bill
+    assert billing_msg.routing_key == "bill.InvoiceIssued"
+    assert billing_msg.body["aggregate_type"] == "invoice"
+    assert relay.terminate() == 0
