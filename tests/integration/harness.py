@@ -250,3 +250,91 @@ def assert_per_aggregate_order(deliveries: list[Delivery]) -> None:
         seq = d.body["payload"]["seq"]
         assert seq > last.get(agg, -1), f"aggregate {agg}: seq {seq} after {last[agg]}"
         last[agg] = seq
+
+
+class Flood:
+    """Writes outbox transactions from a background thread until stopped (bounded by ``limit``).
+
+    Commit order is recorded, so checks can compare per-aggregate order with what committed.
+    Transactions that fail because the server went away are retried; ones the test rolls back
+    on purpose are remembered as forbidden.
+    """
+
+    def __init__(
+        self,
+        env: Env,
+        aggregates: int = 20,
+        batch: int = 50,
+        limit: int = 100_000,
+        pause: float = 0.0,
+    ) -> None:
+        import threading
+
+        self.env = env
+        self.aggregates = aggregates
+        self.batch = batch
+        self.limit = limit
+        self.pause = pause
+        self.committed: list[str] = []
+        self.rolled_back: set[str] = set()
+        # a commit whose answer was lost with the connection may or may not have happened
+        self.uncertain: set[str] = set()
+        self._stop = threading.Event()
+        self._seq: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(120)
+        return self.committed
+
+    def wait_for(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.committed) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.committed) >= n, f"flood wrote only {len(self.committed)} of {n}"
+
+    def _rows(self) -> list[tuple[str, str, str, str, str | None]]:
+        rows = []
+        for i in range(self.batch):
+            agg = f"AGG-{(len(self.committed) + i) % self.aggregates}"
+            seq = self._seq.get(agg, -1) + 1
+            self._seq[agg] = seq
+            rows.append(outbox_row(agg, seq))
+        return rows
+
+    def _run(self) -> None:
+        conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        n = 0
+        while not self._stop.is_set() and len(self.committed) < self.limit:
+            saved = dict(self._seq)
+            rows: list[tuple[str, str, str, str, str | None]] = []
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(self.env.dsn, autocommit=True, connect_timeout=3)
+                rows = self._rows()
+                n += 1
+                if n % 7 == 0:
+                    conn.execute("BEGIN")
+                    insert_events(conn, rows)
+                    conn.execute("ROLLBACK")
+                    self._seq = saved
+                    self.rolled_back.update(r[0] for r in rows)
+                else:
+                    with conn.transaction():
+                        insert_events(conn, rows)
+                    self.committed.extend(r[0] for r in rows)
+            except psycopg.Error:
+                # server restarting: the commit may or may not have happened
+                self.uncertain.update(r[0] for r in rows)
+                self._seq = saved
+                conn = None
+                time.sleep(0.2)
+            if self.pause:
+                time.sleep(self.pause)
+        if conn is not None:
+            conn.close()
