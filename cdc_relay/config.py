@@ -53,7 +53,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     stop_timeout: float = 30.0
     amqp_heartbeat: int = 30
     reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    reconnect_max: float = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "logfmt"] = "json"
     column_id: str = "id"
@@ -64,6 +64,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     column_headers: str = "headers"
     column_traceparent: str = "traceparent"
     column_created_at: str = "created_at"
+    alternate_exchange: bool = True
+    dead_letter_exchange: str = ""
+    max_message_size: int = 134217728
     logical_messages: bool = True
     message_prefix: str = "outbox"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
@@ -122,6 +125,12 @@ HELP: dict[str, str] = {
     "column_headers": "optional outbox column with extra AMQP headers (JSON object)",
     "column_traceparent": "optional outbox column with a W3C traceparent",
     "column_created_at": "optional outbox column with the event time",
+    "alternate_exchange": "declare <exchange>.unroutable (fanout + durable queue) as the "
+    "exchange's alternate exchange, so events no binding matches are kept, not dropped",
+    "dead_letter_exchange": "existing exchange for events the broker can never accept "
+    "(larger than max_message_size); empty: such an event halts the relay",
+    "max_message_size": "largest message body in bytes the broker accepts (RabbitMQ's "
+    "max_message_size)",
     "logical_messages": "also publish pg_logical_emit_message(true, message_prefix, json) events",
     "message_prefix": "prefix of logical decoding messages that are outbox events",
     "routes": 'per-table exchange/routing_key overrides: [relay.routes."schema.table"] '
@@ -183,7 +192,13 @@ def _validate(cfg: Config) -> None:
     for key in ("status_interval", "flush_delay", "stop_timeout", "reconnect_min", "reconnect_max"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(key, "must be a finite number of seconds")
-    positive = ("max_in_flight", "status_interval", "stop_timeout", "reconnect_min")
+    positive = (
+        "max_in_flight",
+        "status_interval",
+        "stop_timeout",
+        "reconnect_min",
+        "max_message_size",
+    )
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(key, "must be greater than 0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -19,15 +20,16 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import msgspec
 import tenacity
 from pika.adapters.select_connection import IOLoop, PollEvents
 
 from cdc_relay import catalog
 from cdc_relay.checkpoint import CheckpointTracker
 from cdc_relay.config import Config
-from cdc_relay.errors import RelayError, SlotBusy
+from cdc_relay.errors import BrokerRefused, Nacked, RelayError, SlotBusy
 from cdc_relay.lsn import Lsn
-from cdc_relay.messages import MessageBuilder, TransactionInfo
+from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
 from cdc_relay.pgoutput import Begin, Commit, Insert, Message, Relation, Truncate, decode
 from cdc_relay.postgres import ReplicationStream
@@ -96,8 +98,13 @@ class StopSignal:
 class Session:
     """One streaming session; ``run`` returns on a graceful stop and raises on failure."""
 
-    def __init__(self, cfg: Config, stop: StopSignal) -> None:
+    def __init__(self, cfg: Config, stop: StopSignal, careful: bool = False) -> None:
         self.cfg = cfg
+        # after a nack, publish one message at a time until the broker has accepted a full
+        # window: a pipelined burst against a queue at its limit could have a later event of an
+        # aggregate accepted while an earlier one is refused
+        self._window = 1 if careful else cfg.max_in_flight
+        self.careful = careful
         self._stop = stop
         self.healthy = False  # streamed and confirmed something: reset the backoff
         self._ioloop = IOLoop()
@@ -133,10 +140,14 @@ class Session:
             on_confirm=self._guard(self._on_confirm),
             on_failure=self._fail,
             on_closed=self._on_broker_closed,
+            alternate_exchange=cfg.alternate_exchange,
+            dead_letter_exchange=cfg.dead_letter_exchange,
         )
         self.published = 0
         self.confirmed = 0
         self.ignored_messages = 0
+        self.dead_lettered = 0
+        self._unroutable: dict[str, int] = {}
 
     # -- entry point ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -203,7 +214,7 @@ class Session:
         if not ack:
             self._tracker.nack(tag, multiple)
             self._fail(
-                RelayError(
+                Nacked(
                     "broker nacked a message (queue full or internal error); will retry",
                     slot=self.cfg.slot,
                     delivery_tag=tag,
@@ -213,7 +224,10 @@ class Session:
         before = self._tracker.in_flight
         self._tracker.ack(tag, multiple)
         self.confirmed += before - self._tracker.in_flight
-        if self._backpressured and self._tracker.in_flight <= self.cfg.max_in_flight // 2:
+        if self._window < self.cfg.max_in_flight and self.confirmed >= self.cfg.max_in_flight:
+            self._window = self.cfg.max_in_flight
+            log.info("careful mode over: the broker accepts again", extra={"slot": self.cfg.slot})
+        if self._backpressured and self._tracker.in_flight <= self._window // 2:
             self._backpressured = False
             self._update_reading()
         self._progress()
@@ -300,13 +314,62 @@ class Session:
             raise RelayError("outbox event outside a transaction", lsn=event.lsn)
         assert self._builder is not None
         out = self._builder.build(event, tx)
+        if len(out.body) > self.cfg.max_message_size:
+            out = self._dead_letter(event, tx, out)
         tracker = self._tracker
         tracker.publish()
         self._publisher.publish(out)
         self.published += 1
-        if tracker.in_flight >= self.cfg.max_in_flight:
+        if tracker.in_flight >= self._window:
             self._backpressured = True
             self._update_reading()
+
+    def _dead_letter(
+        self, event: OutboxEvent, tx: TransactionInfo, out: OutgoingMessage
+    ) -> OutgoingMessage:
+        """An event the broker can never accept: divert it, with its own confirm, or halt."""
+        reason = (
+            f"message of {len(out.body)} bytes exceeds max_message_size {self.cfg.max_message_size}"
+        )
+        if not self.cfg.dead_letter_exchange:
+            raise BrokerRefused(
+                f"{reason}: set dead_letter_exchange to divert such events, or raise the "
+                "broker's max_message_size and this setting",
+                event_id=event.id,
+                lsn=event.lsn,
+            )
+        assert self._builder is not None
+        stub = self._builder.build(msgspec.structs.replace(event, payload=None, headers=None), tx)
+        self.dead_lettered += 1
+        log.error(
+            "event dead-lettered: payload omitted",
+            extra={
+                "event_id": event.id,
+                "lsn": str(event.lsn),
+                "size": len(out.body),
+                "dead_letter_exchange": self.cfg.dead_letter_exchange,
+                "dead_lettered_total": self.dead_lettered,
+            },
+        )
+        return dataclasses.replace(
+            stub,
+            exchange=self.cfg.dead_letter_exchange,
+            headers={
+                **stub.headers,
+                "x-cdc-relay-reason": reason,
+                "x-original-exchange": out.exchange,
+                "x-original-routing-key": out.routing_key,
+                "x-source-lsn": str(event.lsn),
+            },
+        )
+
+    def _on_unroutable_count(self, queue: str, count: int) -> None:
+        if count > self._unroutable.get(queue, 0):
+            log.warning(
+                "unroutable events kept in the alternate exchange's queue: no binding matched",
+                extra={"queue": queue, "count": count},
+            )
+        self._unroutable[queue] = count
 
     def _update_reading(self) -> None:
         want = READ if self._reading else 0
@@ -345,6 +408,7 @@ class Session:
         if self._done:
             return
         self._send_status()
+        self._publisher.count_unroutable(self._guard(self._on_unroutable_count))
         self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
 
     def _send_status(self) -> None:
@@ -410,7 +474,13 @@ class Session:
     def _fail(self, err: RelayError) -> None:
         if self._error is None and not self._done:
             self._error = err
-        if not err.retryable and self._streaming and not self._tracker.failed and not self._done:
+        if (
+            not err.retryable
+            and self._streaming
+            and self._publisher.ready  # confirms can still arrive
+            and not self._tracker.failed
+            and not self._done
+        ):
             self._halt()
             return
         self._tracker.fail()
@@ -455,6 +525,7 @@ class Relay:
         self.cfg = cfg
         self.stop = StopSignal()
         self._failures = 0
+        self._careful = False
         self._backoff = tenacity.wait_exponential_jitter(
             initial=cfg.reconnect_min, max=cfg.reconnect_max
         )
@@ -487,11 +558,12 @@ class Relay:
         )
 
     def _session(self) -> None:
-        session = Session(self.cfg, self.stop)
+        session = Session(self.cfg, self.stop, careful=self._careful)
         try:
             session.run()
-        except RelayError:
+        except RelayError as err:
             self._failures = 1 if session.healthy else self._failures + 1
+            self._careful = isinstance(err, Nacked) or (session.careful and not session.healthy)
             raise
 
     def run(self) -> int:

@@ -92,5 +92,17 @@ class PublishFailed(RelayError):
     retryable = True
 
 
+class Nacked(PublishFailed):
+    """The broker nacked or returned a message (queue full, unroutable). Retry carefully."""
+
+
+class BrokerRefused(RelayError):
+    """The broker will never accept this message as sent (e.g. larger than its limit).
+
+    Not retryable: resending the same bytes gets the same answer. The relay halts without
+    moving the slot past the event; the message says which setting diverts or admits it.
+    """
+
+
 class AuthenticationFailed(RelayError):
     """Credentials were rejected. Retrying would only hammer the server: not retryable."""

@@ -21,7 +21,14 @@ from pika.spec import Basic, BasicProperties
 
 from cdc_relay.amqp import encode_properties, string_headers
 from cdc_relay.config import redact
-from cdc_relay.errors import AuthenticationFailed, ConnectionLost, PublishFailed, RelayError
+from cdc_relay.errors import (
+    AuthenticationFailed,
+    BrokerRefused,
+    ConnectionLost,
+    Nacked,
+    PublishFailed,
+    RelayError,
+)
 from cdc_relay.messages import APP_ID, CONTENT_TYPE, OutgoingMessage
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ class Publisher:
         on_confirm: OnConfirm,
         on_failure: OnFailure,
         on_closed: Callable[[], None],
+        alternate_exchange: bool = True,
+        dead_letter_exchange: str = "",
     ) -> None:
         try:
             self._params = pika.URLParameters(url)
@@ -102,6 +111,11 @@ class Publisher:
         self._exchanges = tuple(dict.fromkeys(exchanges))
         self._exchange_type = exchange_type
         self._declare = declare
+        self._alternate = alternate_exchange
+        self._dead_letter = dead_letter_exchange
+        # exchanges found to exist without our alternate exchange: used as they are
+        self._without_alternate: set[str] = set()
+        self._inspector: Channel | None = None
         self._ioloop = ioloop
         self._on_ready = on_ready
         self._on_confirm = on_confirm
@@ -198,29 +212,118 @@ class Publisher:
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(ack_nack_callback=self._on_ack_nack, callback=self._on_confirm_ok)
 
-    def _on_confirm_ok(self, _frame: Any) -> None:
-        self._declare_next(list(self._exchanges) if self._declare else [])
+    @staticmethod
+    def unroutable_name(exchange: str) -> str:
+        return f"{exchange}.unroutable"
 
-    def _declare_next(self, remaining: list[str]) -> None:
-        if not remaining:
+    def _on_confirm_ok(self, _frame: Any) -> None:
+        """Declare the topology step by step (each waits for the broker's answer)."""
+        steps: list[tuple[str, dict[str, Any]]] = []
+        for ex in self._exchanges if self._declare else ():
+            if ex in self._without_alternate:
+                steps.append(("exchange_declare", {"exchange": ex, "passive": True}))
+                continue
+            declare: dict[str, Any] = {
+                "exchange": ex,
+                "exchange_type": self._exchange_type,
+                "durable": True,
+            }
+            if self._alternate:
+                ae = self.unroutable_name(ex)
+                steps += [
+                    (
+                        "exchange_declare",
+                        {"exchange": ae, "exchange_type": "fanout", "durable": True},
+                    ),
+                    ("queue_declare", {"queue": ae, "durable": True}),
+                    ("queue_bind", {"queue": ae, "exchange": ae}),
+                ]
+                declare["arguments"] = {"alternate-exchange": ae}
+            steps.append(("exchange_declare", declare))
+        if self._dead_letter:
+            steps.append(("exchange_declare", {"exchange": self._dead_letter, "passive": True}))
+        self._run_steps(steps)
+
+    def _run_steps(self, steps: list[tuple[str, dict[str, Any]]]) -> None:
+        if not steps:
             self._set_ready()
             return
-        assert self._channel is not None
-        self._channel.exchange_declare(
-            exchange=remaining[0],
-            exchange_type=self._exchange_type,
-            durable=True,
-            callback=lambda _frame: self._declare_next(remaining[1:]),
-        )
+        channel = self._channel
+        if channel is None:
+            return
+        method, kwargs = steps[0]
+        getattr(channel, method)(callback=lambda _frame: self._run_steps(steps[1:]), **kwargs)
 
     def _set_ready(self) -> None:
         self.ready = True
         self._on_ready()
+        if self._alternate and self._connection is not None:
+            self._connection.channel(on_open_callback=self._on_inspector_open)
 
-    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+    def _on_inspector_open(self, channel: Channel) -> None:
+        self._inspector = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+
+    def count_unroutable(self, report: Callable[[str, int], None]) -> None:
+        """Ask the broker how many events wait in each ``<exchange>.unroutable`` queue.
+
+        A separate channel: a passive declare of a queue someone deleted closes its channel,
+        which must not take the publishing channel with it.
+        """
+        channel = self._inspector
+        if channel is None or not channel.is_open:
+            return
+        for ex in self._exchanges:
+            if ex in self._without_alternate:
+                continue
+            queue = self.unroutable_name(ex)
+            channel.queue_declare(
+                queue=queue,
+                passive=True,
+                callback=lambda frame, q=queue: report(q, int(frame.method.message_count)),
+            )
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is self._inspector:
+            self._inspector = None
+            return
+        was_ready = self.ready
         self.ready = False
         self._channel = None
         if self._closing:
+            return
+        code = getattr(reason, "reply_code", 0)
+        text = str(getattr(reason, "reply_text", reason))
+        if not was_ready and code == 406 and "alternate-exchange" in text:
+            # the exchange exists without our alternate exchange: use it as it is; unroutable
+            # events then come back as mandatory returns and make the relay retry
+            name = next((ex for ex in self._exchanges if f"'{ex}'" in text), None)
+            if name is not None and name not in self._without_alternate:
+                self._without_alternate.add(name)
+                log.warning(
+                    "exchange exists without an alternate exchange; unroutable events will "
+                    "be retried, not kept",
+                    extra={"exchange": name},
+                )
+                if self._connection is not None and self._connection.is_open:
+                    self._connection.channel(on_open_callback=self._on_channel_open)
+                    return
+        if not was_ready and code == 404 and self._dead_letter and self._dead_letter in text:
+            self._on_failure(
+                BrokerRefused(
+                    f"dead_letter_exchange {self._dead_letter!r} does not exist: declare it "
+                    "(and bind a queue) or unset dead_letter_exchange"
+                )
+            )
+            return
+        if code == 406 and "max size" in text:
+            self._on_failure(
+                BrokerRefused(
+                    f"broker refused a message as too large ({text}): set max_message_size to "
+                    "the broker's limit so such events go to dead_letter_exchange, or raise "
+                    "the broker's max_message_size"
+                )
+            )
             return
         self._on_failure(PublishFailed(f"broker closed the channel: {reason}"))
 
@@ -235,7 +338,7 @@ class Publisher:
     ) -> None:
         # the body is never logged: payloads may hold personal data
         self._on_failure(
-            PublishFailed(
+            Nacked(
                 f"broker returned an unroutable message ({method.reply_code} {method.reply_text})"
                 f": no queue is bound for routing key {method.routing_key!r}",
                 exchange=method.exchange,

@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             exchange = env.get("CDC_RELAY_EXCHANGE", "outbox")
             amqp = pika.BlockingConnection(pika.URLParameters(env["CDC_RELAY_AMQP_URL"]))
             ch = amqp.channel()
-            ch.exchange_declare(exchange, "topic", durable=True)
+            ch.exchange_declare(  # as the relay declares it, with its alternate exchange
+                exchange,
+                "topic",
+                durable=True,
+                arguments={"alternate-exchange": f"{exchange}.unroutable"},
+            )
             ch.queue_declare(QUEUE, durable=True)
             ch.queue_bind(QUEUE, exchange, "#")
 

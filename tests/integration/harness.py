@@ -99,8 +99,14 @@ class Env:
             yield conn
 
     def bind_queue(self) -> None:
+        """Declare the exchange exactly as the relay does (with its alternate exchange)."""
         with self.channel() as ch:
-            ch.exchange_declare(self.exchange, "topic", durable=True)
+            ch.exchange_declare(
+                self.exchange,
+                "topic",
+                durable=True,
+                arguments={"alternate-exchange": f"{self.exchange}.unroutable"},
+            )
             ch.queue_declare(self.queue, durable=True)
             ch.queue_bind(self.queue, self.exchange, "#")
 
