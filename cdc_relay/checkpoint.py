@@ -173,6 +173,11 @@ class CheckpointTracker:
         return self._received if self._received > self._confirmed else self._confirmed
 
     @property
+    def acked_through(self) -> int:
+        """Every tag up to this one is confirmed (the contiguous prefix)."""
+        return self._acked
+
+    @property
     def in_flight(self) -> int:
         """Published but not yet acked: what backpressure compares with the window."""
         return self._last_tag - self._acked - len(self._ooo_set)

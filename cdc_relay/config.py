@@ -67,6 +67,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     alternate_exchange: bool = True
     dead_letter_exchange: str = ""
     max_message_size: int = 134217728
+    http_address: str = "127.0.0.1:9187"
+    health_timeout: float = 60.0
+    alert_latency: float = 5.0
     logical_messages: bool = True
     message_prefix: str = "outbox"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
@@ -131,6 +134,11 @@ HELP: dict[str, str] = {
     "(larger than max_message_size); empty: such an event halts the relay",
     "max_message_size": "largest message body in bytes the broker accepts (RabbitMQ's "
     "max_message_size)",
+    "http_address": "host:port for /metrics, /healthz and /readyz (empty: off)",
+    "health_timeout": "seconds without loop tick or progress (data, keepalive, ack) before "
+    "/healthz fails",
+    "alert_latency": "seconds of commit-to-confirm latency or replication lag that raise the "
+    "propagation alert",
     "logical_messages": "also publish pg_logical_emit_message(true, message_prefix, json) events",
     "message_prefix": "prefix of logical decoding messages that are outbox events",
     "routes": 'per-table exchange/routing_key overrides: [relay.routes."schema.table"] '
@@ -189,7 +197,15 @@ def _validate(cfg: Config) -> None:
             _check_exchange("routes", route.exchange)
     if not cfg.message_prefix:
         raise ConfigError("message_prefix", "must not be empty")
-    for key in ("status_interval", "flush_delay", "stop_timeout", "reconnect_min", "reconnect_max"):
+    for key in (
+        "status_interval",
+        "flush_delay",
+        "stop_timeout",
+        "reconnect_min",
+        "reconnect_max",
+        "health_timeout",
+        "alert_latency",
+    ):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(key, "must be a finite number of seconds")
     positive = (
@@ -198,6 +214,8 @@ def _validate(cfg: Config) -> None:
         "stop_timeout",
         "reconnect_min",
         "max_message_size",
+        "health_timeout",
+        "alert_latency",
     )
     for key in positive:
         if getattr(cfg, key) <= 0:

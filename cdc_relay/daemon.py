@@ -17,17 +17,20 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import msgspec
 import tenacity
 from pika.adapters.select_connection import IOLoop, PollEvents
 
-from cdc_relay import catalog
+from cdc_relay import catalog, failpoints
 from cdc_relay.checkpoint import CheckpointTracker
 from cdc_relay.config import Config
-from cdc_relay.errors import BrokerRefused, Nacked, RelayError, SlotBusy
+from cdc_relay.errors import BrokerRefused, Nacked, PublishFailed, RelayError, SlotBusy
+from cdc_relay.health import HealthServer
 from cdc_relay.lsn import Lsn
 from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
@@ -40,6 +43,7 @@ from cdc_relay.replication import (
     pg_now_us,
     standby_status_update,
 )
+from cdc_relay.telemetry import EVENT_CONFIRM, EVENT_FLUSH, Telemetry, tracing_requested
 
 log = logging.getLogger("cdc_relay")
 
@@ -98,8 +102,26 @@ class StopSignal:
 class Session:
     """One streaming session; ``run`` returns on a graceful stop and raises on failure."""
 
-    def __init__(self, cfg: Config, stop: StopSignal, careful: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        stop: StopSignal,
+        careful: bool = False,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.cfg = cfg
+        self._telemetry = telemetry or Telemetry.create(cfg.slot, cfg.alert_latency, False)
+        self._stats = self._telemetry.stats
+        self._tracing = self._telemetry.tracing
+        # (end_lsn, commit unix time) of committed transactions with events, not yet confirmed
+        self._pending_commits: deque[tuple[int, float]] = deque()
+        self._tx_events = 0
+        # (delivery tag, publish time) for every 16th message: confirm latency samples
+        self._latency_samples: deque[tuple[int, float]] = deque()
+        # tracing only: spans of the open transaction, per committed transaction, unconfirmed
+        self._open_spans: list[Any] = []
+        self._span_txns: deque[tuple[int, list[Any]]] = deque()
+        self._unconfirmed_spans: deque[tuple[int, Any]] = deque()
         # after a nack, publish one message at a time until the broker has accepted a full
         # window: a pipelined burst against a queue at its limit could have a later event of an
         # aggregate accepted while an earlier one is refused
@@ -143,11 +165,7 @@ class Session:
             alternate_exchange=cfg.alternate_exchange,
             dead_letter_exchange=cfg.dead_letter_exchange,
         )
-        self.published = 0
         self.confirmed = 0
-        self.ignored_messages = 0
-        self.dead_lettered = 0
-        self._unroutable: dict[str, int] = {}
 
     # -- entry point ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -192,6 +210,8 @@ class Session:
             self.cfg.publication, self._tracker.confirmed, messages=self.cfg.logical_messages
         )
         self._streaming = True
+        self._stats.streaming = True
+        self._stats.broker_ready = True
         self._pg_fd = self._stream.fileno()
         self._ioloop.add_handler(self._pg_fd, self._guard(self._on_pg_event), READ)
         self._pg_events = READ
@@ -212,6 +232,7 @@ class Session:
         if self._done:
             return
         if not ack:
+            self._stats.nacked += 1
             self._tracker.nack(tag, multiple)
             self._fail(
                 Nacked(
@@ -221,9 +242,27 @@ class Session:
                 )
             )
             return
-        before = self._tracker.in_flight
-        self._tracker.ack(tag, multiple)
-        self.confirmed += before - self._tracker.in_flight
+        tracker = self._tracker
+        before = tracker.in_flight
+        tracker.ack(tag, multiple)
+        done = before - tracker.in_flight
+        self.confirmed += done
+        stats = self._stats
+        stats.confirmed += done
+        stats.in_flight = tracker.in_flight
+        now = time.time()
+        stats.last_progress = now
+        samples = self._latency_samples
+        through = tracker.acked_through
+        if samples and samples[0][0] <= through:
+            sent = 0.0
+            while samples and samples[0][0] <= through:
+                sent = samples.popleft()[1]
+            self._telemetry.metrics.confirm_latency.observe(time.monotonic() - sent)
+        if self._tracing.enabled:
+            spans = self._unconfirmed_spans
+            while spans and spans[0][0] <= through:
+                spans.popleft()[1].add_event(EVENT_CONFIRM)
         if self._window < self.cfg.max_in_flight and self.confirmed >= self.cfg.max_in_flight:
             self._window = self.cfg.max_in_flight
             log.info("careful mode over: the broker accepts again", extra={"slot": self.cfg.slot})
@@ -252,6 +291,7 @@ class Session:
 
     def _drain(self) -> None:
         stream = self._stream
+        self._stats.last_progress = time.time()
         while self._reading:
             data = stream.read()
             if data is None:
@@ -261,6 +301,7 @@ class Session:
     def _on_copy_data(self, data: memoryview) -> None:
         frame = parse_copy_data(data)
         tracker = self._tracker
+        self._stats.server_wal_end = max(self._stats.server_wal_end, frame.wal_end)
         if isinstance(frame, PrimaryKeepalive):
             tracker.received(frame.wal_end)
             if tracker.keepalive(frame.wal_end):
@@ -277,8 +318,16 @@ class Session:
         elif isinstance(msg, Begin):
             tracker.begin()
             self._tx = TransactionInfo(msg.xid, msg.final_lsn, msg.commit_time)
+            self._tx_events = 0
         elif isinstance(msg, Commit):
             tracker.commit(msg.end_lsn)
+            if self._tx_events and self._tx is not None:
+                self._pending_commits.append((msg.end_lsn, self._tx.committed_at.timestamp()))
+                if self._stats.oldest_unconfirmed_commit is None:
+                    self._stats.oldest_unconfirmed_commit = self._pending_commits[0][1]
+            if self._open_spans:
+                self._span_txns.append((msg.end_lsn, self._open_spans))
+                self._open_spans = []
             self._tx = None
             if self._stopping:
                 self._read_stopped = True
@@ -296,14 +345,14 @@ class Session:
             if event is not None and self._tx is not None:
                 self._publish(event)
             else:
-                self.ignored_messages += 1
+                self._stats.ignored_messages += 1
                 log.debug(
                     "logical message ignored",
                     extra={
                         "prefix": msg.prefix,
                         "transactional": msg.transactional,
                         "lsn": str(msg.lsn),
-                        "ignored_total": self.ignored_messages,
+                        "ignored_total": self._stats.ignored_messages,
                     },
                 )
         # Update, Delete, Type, Origin: no events
@@ -317,9 +366,27 @@ class Session:
         if len(out.body) > self.cfg.max_message_size:
             out = self._dead_letter(event, tx, out)
         tracker = self._tracker
-        tracker.publish()
+        tag = tracker.publish()
+        if self._tracing.enabled:
+            span, traceparent = self._tracing.start_publish(
+                out.exchange,
+                out.routing_key,
+                out.message_id,
+                event.traceparent,
+                str(event.lsn),
+                tx.xid,
+                self.cfg.slot,
+            )
+            out.headers["traceparent"] = traceparent
+            self._open_spans.append(span)
+            self._unconfirmed_spans.append((tag, span))
         self._publisher.publish(out)
-        self.published += 1
+        self._tx_events += 1
+        stats = self._stats
+        stats.published += 1
+        stats.in_flight = tracker.in_flight
+        if not tag & 15:
+            self._latency_samples.append((tag, time.monotonic()))
         if tracker.in_flight >= self._window:
             self._backpressured = True
             self._update_reading()
@@ -340,7 +407,7 @@ class Session:
             )
         assert self._builder is not None
         stub = self._builder.build(msgspec.structs.replace(event, payload=None, headers=None), tx)
-        self.dead_lettered += 1
+        self._stats.dead_lettered += 1
         log.error(
             "event dead-lettered: payload omitted",
             extra={
@@ -348,7 +415,7 @@ class Session:
                 "lsn": str(event.lsn),
                 "size": len(out.body),
                 "dead_letter_exchange": self.cfg.dead_letter_exchange,
-                "dead_lettered_total": self.dead_lettered,
+                "dead_lettered_total": self._stats.dead_lettered,
             },
         )
         return dataclasses.replace(
@@ -364,12 +431,12 @@ class Session:
         )
 
     def _on_unroutable_count(self, queue: str, count: int) -> None:
-        if count > self._unroutable.get(queue, 0):
+        if count > self._stats.unroutable.get(queue, 0):
             log.warning(
                 "unroutable events kept in the alternate exchange's queue: no binding matched",
                 extra={"queue": queue, "count": count},
             )
-        self._unroutable[queue] = count
+        self._stats.unroutable[queue] = count
 
     def _update_reading(self) -> None:
         want = READ if self._reading else 0
@@ -393,6 +460,17 @@ class Session:
     # -- checkpoint reporting --------------------------------------------------------------------
     def _progress(self) -> None:
         """Report a moved confirmed point soon, batching bursts of acks into one update."""
+        pending = self._pending_commits
+        if pending and pending[0][0] <= self._tracker.confirmed:
+            confirmed = self._tracker.confirmed
+            now = time.time()
+            histogram = self._telemetry.metrics.commit_to_confirm
+            latency = 0.0
+            while pending and pending[0][0] <= confirmed:
+                latency = now - pending.popleft()[1]
+                histogram.observe(latency)
+            self._stats.oldest_unconfirmed_commit = pending[0][1] if pending else None
+            self._telemetry.alert.check(latency)
         if self._tracker.confirmed > self._reported and self._flush_timer is None:
             self._flush_timer = self._ioloop.call_later(
                 self.cfg.flush_delay, self._guard(self._flush_due)
@@ -407,6 +485,9 @@ class Session:
     def _status_tick(self) -> None:
         if self._done:
             return
+        failpoints.wedge("loop.wedge")
+        self._stats.last_loop_tick = time.time()
+        self._telemetry.alert.check()
         self._send_status()
         self._publisher.count_unroutable(self._guard(self._on_unroutable_count))
         self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
@@ -420,10 +501,22 @@ class Session:
                 standby_status_update(self._tracker.written, flush, flush, pg_now_us())
             )
             self._reported = flush
+            self._stats.last_status_update = time.time()
+            self._stats.confirmed_lsn = flush
+            if self._span_txns:
+                self._end_spans(flush)
             self._update_events()
             log.debug("status update", extra={"slot": self.cfg.slot, "lsn": str(flush)})
         except RelayError as err:
             self._fail(err)
+
+    def _end_spans(self, flush: int) -> None:
+        """A transaction's spans end when PostgreSQL has been told its WAL may go."""
+        txns = self._span_txns
+        while txns and txns[0][0] <= flush:
+            for span in txns.popleft()[1]:
+                span.add_event(EVENT_FLUSH, {"cdc_relay.flush_lsn": str(Lsn(flush))})
+                span.end()
 
     # -- stopping ----------------------------------------------------------------------------------
     def _on_stop_signal(self, _fd: int, _events: int) -> None:
@@ -474,6 +567,8 @@ class Session:
     def _fail(self, err: RelayError) -> None:
         if self._error is None and not self._done:
             self._error = err
+            if isinstance(err, Nacked) and "returned" in err.message:
+                self._stats.returned += 1
         if (
             not err.retryable
             and self._streaming
@@ -504,6 +599,13 @@ class Session:
         if self._done:
             return
         self._done = True
+        self._stats.streaming = False
+        self._stats.broker_ready = False
+        for span in self._open_spans + [s for _, spans in self._span_txns for s in spans]:
+            span.set_attribute("cdc_relay.flushed", False)  # will be sent again after restart
+            span.end()
+        self._open_spans = []
+        self._span_txns.clear()
         if self._streaming:
             # the tracker froze on failure, so this only ever reports confirmed events
             with contextlib.suppress(RelayError):  # best effort: the server may be gone
@@ -529,6 +631,7 @@ class Relay:
         self._backoff = tenacity.wait_exponential_jitter(
             initial=cfg.reconnect_min, max=cfg.reconnect_max
         )
+        self.telemetry = Telemetry.create(cfg.slot, cfg.alert_latency, tracing_requested())
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         # tenacity counts every attempt; a session that streamed fine restarts the backoff
@@ -558,16 +661,34 @@ class Relay:
         )
 
     def _session(self) -> None:
-        session = Session(self.cfg, self.stop, careful=self._careful)
+        session = Session(self.cfg, self.stop, careful=self._careful, telemetry=self.telemetry)
         try:
             session.run()
         except RelayError as err:
+            if err.retryable:
+                self.telemetry.stats.reconnects[_side(err)] += 1
             self._failures = 1 if session.healthy else self._failures + 1
             self._careful = isinstance(err, Nacked) or (session.careful and not session.healthy)
             raise
 
     def run(self) -> int:
         self.stop.install()
+        health = None
+        if self.cfg.http_address:
+            health = HealthServer(
+                self.cfg.http_address,
+                self.telemetry.stats,
+                self.telemetry.metrics,
+                self.cfg.health_timeout,
+            ).start()
+        try:
+            return self._run()
+        finally:
+            if health is not None:
+                health.stop()
+            self.telemetry.tracing.shutdown()
+
+    def _run(self) -> int:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
             wait=self._wait,
@@ -584,3 +705,11 @@ class Relay:
             log.error(str(err), extra={"retryable": err.retryable, "slot": self.cfg.slot})
             return 1
         return 0
+
+
+def _side(err: RelayError) -> str:
+    """Which connection a failure came from, for the reconnect counter."""
+    text = err.message
+    if isinstance(err, PublishFailed) or "RabbitMQ" in text or "broker" in text:
+        return "rabbitmq"
+    return "postgres"

@@ -65,6 +65,7 @@ class Env:
             CDC_RELAY_LOG_LEVEL="info",
             CDC_RELAY_RECONNECT_MIN="0.2",
             CDC_RELAY_RECONNECT_MAX="2",
+            CDC_RELAY_HTTP_ADDRESS="127.0.0.1:0",
             PYTHONUNBUFFERED="1",
         )
         env.update({f"CDC_RELAY_{k.upper()}": v for k, v in overrides.items()})
@@ -89,7 +90,11 @@ class Env:
         self.bind_queue()
 
     def start_relay(self, **overrides: str) -> Relay:
-        relay = Relay(self, self.relay_env(**overrides), len(self.relays))
+        return self.start_relay_with_env({}, **overrides)
+
+    def start_relay_with_env(self, env_extra: dict[str, str], **overrides: str) -> Relay:
+        """Like ``start_relay`` with extra process environment (OTEL_*, failpoints)."""
+        relay = Relay(self, {**self.relay_env(**overrides), **env_extra}, len(self.relays))
         self.relays.append(relay)
         return relay
 
@@ -195,6 +200,16 @@ class Relay:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def http_port(self, timeout: float = 30) -> int:
+        """The port the relay's /metrics, /healthz and /readyz listen on (from its log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if '"http endpoints listening"' in line:
+                    return int(json.loads(line)["port"])
+            time.sleep(0.05)
+        raise AssertionError(f"relay did not report its http port:\n{self.log()}")
 
     def wait_streaming(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

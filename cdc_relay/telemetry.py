@@ -1,0 +1,308 @@
+"""Telemetry: Prometheus metrics, OpenTelemetry traces, and the propagation alert.
+
+The hot path stays cheap: the loop bumps plain integers on ``Stats`` and the metrics are
+computed from them only when someone scrapes ``/metrics``. Histograms are observed once per
+broker ack frame and once per finished transaction, not once per event. Tracing costs one
+``if`` per event when it is off; when on, each published event gets a PRODUCER span that is a
+child of the outbox row's W3C ``traceparent`` (so an order can be followed from the writing
+transaction to the consumer), ends when the checkpoint covering it is reported to PostgreSQL,
+and its own ``traceparent`` travels on in the AMQP headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("cdc_relay")
+
+# span and event names operators search for in Jaeger
+SPAN_PUBLISH = "publish"  # full name: "publish <exchange>" (messaging semantic conventions)
+EVENT_CONFIRM = "broker.confirm"
+EVENT_FLUSH = "checkpoint.flush"
+TRACER_NAME = "cdc_relay"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass
+class Stats:
+    """Counters and gauges the event loop updates; plain attributes, read at scrape time."""
+
+    published: int = 0
+    confirmed: int = 0
+    nacked: int = 0
+    returned: int = 0
+    dead_lettered: int = 0
+    ignored_messages: int = 0
+    unroutable: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    server_wal_end: int = 0
+    confirmed_lsn: int = 0
+    oldest_unconfirmed_commit: float | None = None  # unix time of the oldest pending commit
+    last_status_update: float = 0.0
+    last_progress: float = field(default_factory=time.time)  # data, keepalive or ack
+    last_loop_tick: float = field(default_factory=time.time)
+    streaming: bool = False
+    broker_ready: bool = False
+    reconnects: dict[str, int] = field(default_factory=lambda: {"postgres": 0, "rabbitmq": 0})
+    alert: bool = False
+
+    def lag_seconds(self, now: float | None = None) -> float:
+        if self.oldest_unconfirmed_commit is None:
+            return 0.0
+        return max(0.0, (now or time.time()) - self.oldest_unconfirmed_commit)
+
+
+class Metrics:
+    """The registry behind ``/metrics``: histograms plus a collector over ``Stats``."""
+
+    def __init__(self, stats: Stats, slot: str) -> None:
+        self.stats = stats
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.confirm_latency = Histogram(
+            "cdc_relay_confirm_latency_seconds",
+            "Publish to broker confirm, per ack frame (newest message it confirms)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.commit_to_confirm = Histogram(
+            "cdc_relay_commit_to_confirm_seconds",
+            "Commit in PostgreSQL to the broker confirming the transaction's last event",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(stats, slot))
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Stats, slot: str) -> None:
+        self._stats = stats
+        self._slot = slot
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats
+        now = time.time()
+        labels = ["slot"]
+        for name, doc, value in (
+            ("cdc_relay_events_published", "Events published to the broker", s.published),
+            ("cdc_relay_events_confirmed", "Events the broker confirmed", s.confirmed),
+            ("cdc_relay_events_nacked", "Broker nacks", s.nacked),
+            ("cdc_relay_events_returned", "Unroutable returns (mandatory)", s.returned),
+            (
+                "cdc_relay_events_dead_lettered",
+                "Events sent to the dead-letter exchange",
+                s.dead_lettered,
+            ),
+            (
+                "cdc_relay_messages_ignored",
+                "Logical messages that are not outbox events",
+                s.ignored_messages,
+            ),
+        ):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric([self._slot], value)
+            yield c
+        reconnects = CounterMetricFamily(
+            "cdc_relay_reconnects", "Sessions ended by a failure, by side", labels=["slot", "side"]
+        )
+        for side, n in s.reconnects.items():
+            reconnects.add_metric([self._slot, side], n)
+        yield reconnects
+        gauges: tuple[tuple[str, str, float], ...] = (
+            ("cdc_relay_in_flight", "Published, not yet confirmed", s.in_flight),
+            (
+                "cdc_relay_replication_lag_bytes",
+                "Server WAL end minus confirmed flush LSN",
+                max(0, s.server_wal_end - s.confirmed_lsn) if s.confirmed_lsn else 0,
+            ),
+            (
+                "cdc_relay_replication_lag_seconds",
+                "Age of the oldest committed, unconfirmed txn",
+                s.lag_seconds(now),
+            ),
+            (
+                "cdc_relay_last_status_update_age_seconds",
+                "Since the last standby status update",
+                now - s.last_status_update if s.last_status_update else -1,
+            ),
+            (
+                "cdc_relay_streaming",
+                "1 while both sides are connected and streaming",
+                int(s.streaming and s.broker_ready),
+            ),
+            (
+                "cdc_relay_propagation_alert",
+                "1 while propagation is slower than the threshold",
+                int(s.alert),
+            ),
+        )
+        for gname, gdoc, gvalue in gauges:
+            g = GaugeMetricFamily(gname, gdoc, labels=labels)
+            g.add_metric([self._slot], gvalue)
+            yield g
+        unroutable = GaugeMetricFamily(
+            "cdc_relay_unroutable_events",
+            "Events waiting in <exchange>.unroutable",
+            labels=["slot", "queue"],
+        )
+        for queue, n in s.unroutable.items():
+            unroutable.add_metric([self._slot, queue], n)
+        yield unroutable
+
+
+class PropagationAlert:
+    """Warn once per episode when events take longer than the threshold to reach the broker."""
+
+    def __init__(self, stats: Stats, threshold: float, slot: str) -> None:
+        self._stats = stats
+        self._threshold = threshold
+        self._slot = slot
+
+    def check(self, commit_to_confirm: float | None = None) -> None:
+        slow = self._stats.lag_seconds() > self._threshold or (
+            commit_to_confirm is not None and commit_to_confirm > self._threshold
+        )
+        if slow and not self._stats.alert:
+            self._stats.alert = True
+            log.warning(
+                "propagation slower than threshold: events are late to the broker",
+                extra={
+                    "slot": self._slot,
+                    "threshold_s": self._threshold,
+                    "lag_s": round(self._stats.lag_seconds(), 3),
+                    "commit_to_confirm_s": None
+                    if commit_to_confirm is None
+                    else round(commit_to_confirm, 3),
+                },
+            )
+        elif not slow and self._stats.alert and self._stats.lag_seconds() < self._threshold / 2:
+            self._stats.alert = False
+            log.info("propagation back within threshold", extra={"slot": self._slot})
+
+
+def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
+    """Tracing is on when an OTLP endpoint is configured the standard OTEL_* way."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").lower() in ("none", ""):
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+class Tracing:
+    """OpenTelemetry spans for published events; a do-nothing object when tracing is off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._tracer: Any = None
+        self._provider: Any = None
+        if enabled:
+            self._setup()
+
+    def _setup(self) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        protocol = os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        )
+        exporter: Any
+        if protocol == "grpc":
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                    OTLPSpanExporter as GrpcExporter,
+                )
+            except ImportError:
+                log.error(
+                    "OTLP gRPC exporter not installed (pip install "
+                    "opentelemetry-exporter-otlp-proto-grpc); tracing is off"
+                )
+                self.enabled = False
+                return
+            exporter = GrpcExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", "cdc-relay")}
+        )
+        self._provider = TracerProvider(resource=resource)
+        self._provider.add_span_processor(BatchSpanProcessor(exporter))
+        self._tracer = self._provider.get_tracer(TRACER_NAME)
+
+    def start_publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message_id: str,
+        traceparent: str | None,
+        lsn: str,
+        txid: int,
+        slot: str,
+    ) -> tuple[Any, str]:
+        """A PRODUCER span for one event; returns it and the traceparent to send on."""
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        ctx = None
+        if traceparent:
+            ctx = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+        span = self._tracer.start_span(
+            f"{SPAN_PUBLISH} {exchange}",
+            context=ctx,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": exchange,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": message_id,
+                "db.system.name": "postgresql",
+                "cdc_relay.source.lsn": lsn,
+                "cdc_relay.source.txid": txid,
+                "cdc_relay.slot": slot,
+            },
+        )
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
+        return span, carrier.get("traceparent", traceparent or "")
+
+    def shutdown(self) -> None:
+        if self._provider is not None:
+            self._provider.shutdown()
+
+
+@dataclass
+class Telemetry:
+    """What one relay process reports, shared by its successive sessions."""
+
+    stats: Stats
+    metrics: Metrics
+    tracing: Tracing
+    alert: PropagationAlert
+
+    @classmethod
+    def create(cls, slot: str, alert_threshold: float, tracing: bool) -> Telemetry:
+        stats = Stats()
+        return cls(
+            stats=stats,
+            metrics=Metrics(stats, slot),
+            tracing=Tracing(tracing),
+            alert=PropagationAlert(stats, alert_threshold, slot),
+        )

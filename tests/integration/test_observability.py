@@ -1,0 +1,207 @@
+"""What an operator sees: traces in an OTLP receiver, /metrics, /healthz, /readyz, alerts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.integration.harness import Env, insert_events, outbox_row
+
+pytestmark = pytest.mark.integration
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN = "b7ad6b7169203331"
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP (protobuf) trace receiver on loopback."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                for rs in req.resource_spans:
+                    for ss in rs.scope_spans:
+                        receiver.spans.extend(ss.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def otlp() -> Iterator[OtlpReceiver]:
+    r = OtlpReceiver()
+    yield r
+    r.close()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def test_spans_continue_the_rows_trace_and_reach_the_consumer(env: Env, otlp: OtlpReceiver) -> None:
+    env.init()
+    relay = env.start_relay_with_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_SERVICE_NAME": "cdc-relay-test",
+        }
+    )
+    relay.wait_streaming()
+    row = outbox_row("TR-1", 0)
+    with env.sql() as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, traceparent) "
+            "VALUES (%s, %s, %s, %s, %s::jsonb, %s)",
+            (*row, f"00-{TRACE_ID}-{PARENT_SPAN}-01"),
+        )
+        insert_events(conn, [outbox_row("TR-2", 0)])  # no traceparent: a new trace
+    got = {d.message_id: d for d in env.consume(2, settle=0.5)}
+    env.wait_for(lambda: len(otlp.spans) >= 2, timeout=20, what="spans exported")
+    by_id = {
+        next(a.value.string_value for a in s.attributes if a.key == "messaging.message.id"): s
+        for s in otlp.spans
+    }
+    span = by_id[row[0]]
+    assert span.trace_id.hex() == TRACE_ID
+    assert span.parent_span_id.hex() == PARENT_SPAN
+    assert span.name == f"publish {env.exchange}"
+    assert span.kind == 4  # PRODUCER
+    attrs = {a.key: a.value for a in span.attributes}
+    assert attrs["messaging.system"].string_value == "rabbitmq"
+    assert attrs["messaging.destination.name"].string_value == env.exchange
+    assert attrs["messaging.rabbitmq.destination.routing_key"].string_value == "order.OrderPlaced"
+    assert attrs["cdc_relay.source.lsn"].string_value == got[row[0]].body["source"]["lsn"]
+    assert attrs["cdc_relay.source.txid"].int_value == got[row[0]].body["source"]["txid"]
+    events = [e.name for e in span.events]
+    assert events == ["broker.confirm", "checkpoint.flush"]
+    # the consumer continues the same trace, as a child of the relay's span
+    header = got[row[0]].headers["traceparent"]
+    _, trace_id, span_id, _ = header.split("-")
+    assert trace_id == TRACE_ID
+    assert span_id == span.span_id.hex()
+    other = by_id[got[next(k for k in got if k != row[0])].message_id]
+    assert other.trace_id.hex() != TRACE_ID
+    assert len(other.parent_span_id) == 0
+    assert relay.terminate() == 0
+
+
+def test_metrics_move_as_events_flow_and_probes_answer(env: Env) -> None:
+    env.init()
+    relay = env.start_relay()
+    relay.wait_streaming()
+    port = relay.http_port()
+    assert _get(port, "/readyz")[0] == 200
+    assert _get(port, "/healthz")[0] == 200
+    _, before = _get(port, "/metrics")
+    assert _metric(before, "cdc_relay_events_published_total") == 0
+    with env.sql() as conn, conn.transaction():
+        insert_events(conn, [outbox_row(f"M{i % 3}", i) for i in range(40)])
+    env.consume(40)
+    env.wait_for(
+        lambda: _metric(_get(port, "/metrics")[1], "cdc_relay_events_confirmed_total") == 40,
+        what="confirmed counter",
+    )
+    _, text = _get(port, "/metrics")
+    assert _metric(text, "cdc_relay_events_published_total") == 40
+    assert _metric(text, "cdc_relay_in_flight") == 0
+    assert _metric(text, "cdc_relay_commit_to_confirm_seconds_count") >= 1
+    assert _metric(text, "cdc_relay_confirm_latency_seconds_count") >= 1
+    assert _metric(text, "cdc_relay_streaming") == 1
+    assert 0 <= _metric(text, "cdc_relay_last_status_update_age_seconds") < 5
+    assert _metric(text, "cdc_relay_replication_lag_bytes") >= 0
+    assert _metric(text, "cdc_relay_propagation_alert") == 0
+    assert 'cdc_relay_reconnects_total{side="postgres"' in text
+    assert _get(port, "/nope")[0] == 404
+    assert relay.terminate() == 0
+
+
+def test_healthz_fails_while_the_loop_is_wedged_and_recovers(env: Env) -> None:
+    env.init()
+    relay = env.start_relay_with_env(
+        {"CDC_RELAY_FAILPOINTS": "loop.wedge=6"},
+        health_timeout="3",
+        status_interval="1",
+    )
+    port = relay.http_port()
+    seen: list[int] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen.append(_get(port, "/healthz")[0])
+        if 503 in seen and seen[-1] == 200:
+            break
+        time.sleep(0.25)
+    assert 503 in seen, "a wedged loop must fail /healthz"
+    assert seen[-1] == 200, "after the wedge /healthz must recover"
+    _code, body = _get(port, "/healthz")
+    assert json.loads(body)["status"] == "ok"
+    assert relay.terminate() == 0
+
+
+def test_propagation_alert_fires_once_per_episode(env: Env) -> None:
+    env.init()
+    relay = env.start_relay(alert_latency="1", status_interval="0.5")
+    relay.wait_streaming()
+    port = relay.http_port()
+    env.rabbit.block_publishers()
+    try:
+        with env.sql() as conn, conn.transaction():
+            insert_events(conn, [outbox_row("SLOW", 0)])
+        env.wait_for(
+            lambda: _metric(_get(port, "/metrics")[1], "cdc_relay_propagation_alert") == 1,
+            timeout=20,
+            what="the alert",
+        )
+        time.sleep(1.5)
+    finally:
+        env.rabbit.unblock_publishers()
+    env.consume(1)
+    env.wait_for(
+        lambda: _metric(_get(port, "/metrics")[1], "cdc_relay_propagation_alert") == 0,
+        timeout=20,
+        what="the alert to clear",
+    )
+    log = relay.log()
+    assert log.count("propagation slower than threshold") == 1
+    warning = next(json.loads(x) for x in log.splitlines() if "propagation slower" in x)
+    assert warning["level"] == "warning"
+    assert warning["threshold_s"] == 1.0
+    assert "propagation back within threshold" in log
+    assert relay.terminate() == 0
