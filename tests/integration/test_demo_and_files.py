@@ -31,7 +31,13 @@ def test_compose_file_is_complete() -> None:
     assert "@postgres:5432/" in env["CDC_RELAY_PG_DSN"]
     assert "@rabbitmq:5672/" in env["CDC_RELAY_AMQP_URL"]
     assert relay["stop_signal"] == "SIGTERM"
-    assert set(relay["depends_on"]) == {"postgres", "rabbitmq"}
+    assert set(relay["depends_on"]) == {"postgres", "rabbitmq", "jaeger"}
+    jaeger = services["jaeger"]
+    assert "jaeger" in jaeger["image"]
+    assert any(p.endswith(":4318") for p in jaeger["ports"]), "OTLP/HTTP must be exposed"
+    assert any(p.endswith(":16686") for p in jaeger["ports"]), "the UI must be exposed"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert env["CDC_RELAY_HTTP_ADDRESS"].endswith(":9187")
     dockerfile = REPO / "compose" / Path(relay["build"]["dockerfile"]).name
     assert dockerfile.exists()
     assert "cdc-relay" in dockerfile.read_text()
