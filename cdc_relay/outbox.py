@@ -255,6 +255,13 @@ def _short(exc: Exception) -> str:
     return str(exc).split("\n")[0][:120]
 
 
+def _error(
+    problem: str, column: str | tuple[str, ...], rel: str, lsn: Lsn, event_id: str | None
+) -> OutboxError:
+    """Every row-level error names the relation, column, LSN and (when known) the event."""
+    return OutboxError(problem, relation=rel, column=_names(column)[0], lsn=lsn, event_id=event_id)
+
+
 def _value(
     row: tuple[ColumnValue, ...],
     pos: int,
@@ -266,30 +273,21 @@ def _value(
     if pos < 0:
         return None
     if pos >= len(row):
-        raise OutboxError(
-            "INSERT carries fewer columns than the table",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-        )
+        raise _error("INSERT carries fewer columns than the table", column, rel, lsn, event_id)
     value = row[pos]
     if value is None or type(value) is bytes:
         return value
     if isinstance(value, UnchangedToast):
-        raise OutboxError(
-            "column arrived as unchanged TOAST, its value is unknown",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-            event_id=event_id,
+        raise _error(
+            "column arrived as unchanged TOAST, its value is unknown", column, rel, lsn, event_id
         )
     if isinstance(value, Binary):
-        raise OutboxError(
+        raise _error(
             "column arrived in binary format, which the relay does not request",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-            event_id=event_id,
+            column,
+            rel,
+            lsn,
+            event_id,
         )
     return bytes(value)
 
@@ -300,13 +298,7 @@ def _text(
     try:
         return value.decode()
     except UnicodeDecodeError:
-        raise OutboxError(
-            "column is not valid UTF-8",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-            event_id=event_id,
-        ) from None
+        raise _error("column is not valid UTF-8", column, rel, lsn, event_id) from None
 
 
 def _required(
@@ -319,13 +311,7 @@ def _required(
 ) -> str:
     value = _value(row, pos, column, rel, lsn, event_id)
     if value is None:
-        raise OutboxError(
-            "required column is NULL",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-            event_id=event_id,
-        )
+        raise _error("required column is NULL", column, rel, lsn, event_id)
     return _text(value, column, rel, lsn, event_id)
 
 
@@ -352,31 +338,21 @@ def _json_payload(
     """A payload column that is not json/jsonb: bytea (hex text output) or text holding JSON."""
     if kind == PAYLOAD_BYTEA:
         if not value.startswith(b"\\x"):
-            raise OutboxError(
+            raise _error(
                 "bytea payload is not in hex output format (set bytea_output = 'hex')",
-                relation=rel,
-                column=_names(column)[0],
-                lsn=lsn,
-                event_id=event_id,
+                column,
+                rel,
+                lsn,
+                event_id,
             )
         try:
             value = bytes.fromhex(value[2:].decode("ascii"))
         except ValueError:
-            raise OutboxError(
-                "bytea payload is not valid hex",
-                relation=rel,
-                column=_names(column)[0],
-                lsn=lsn,
-                event_id=event_id,
-            ) from None
+            raise _error("bytea payload is not valid hex", column, rel, lsn, event_id) from None
     try:
         _json_check.decode(value)
     except msgspec.DecodeError:
-        raise OutboxError(
-            "payload column does not hold valid JSON",
-            relation=rel,
-            column=_names(column)[0],
-            lsn=lsn,
-            event_id=event_id,
+        raise _error(
+            "payload column does not hold valid JSON", column, rel, lsn, event_id
         ) from None
     return value
