@@ -614,7 +614,10 @@ class Session:
                     standby_status_update(self._tracker.written, flush, flush, pg_now_us())
                 )
                 self._reported = flush
-            self._ioloop.remove_handler(self._pg_fd)
+            # libpq may already have closed the socket after a dropped connection: the poller
+            # then refuses to unregister it (EBADF), and the kernel has forgotten it anyway
+            with contextlib.suppress(OSError):
+                self._ioloop.remove_handler(self._pg_fd)
         self._stream.close()
         self._ioloop.call_later(FORCED_EXIT_GRACE, self._ioloop.stop)
         self._publisher.close()

@@ -326,7 +326,10 @@ class Publisher:
                 )
             )
             return
-        self._on_failure(PublishFailed(f"broker closed the channel: {reason}"))
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._on_failure(PublishFailed(f"broker closed the channel: {reason}"))
+        else:  # the connection under the channel went away (heartbeat timeout, socket error)
+            self._on_failure(ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}"))
 
     def _on_ack_nack(self, frame: Any) -> None:
         method = frame.method
