@@ -663,6 +663,18 @@ class Relay:
             },
         )
 
+    def _sleep(self, seconds: float) -> None:
+        """Back off, interruptibly; a standby waiting here is alive, so keep /healthz green."""
+        stats = self.telemetry.stats
+        deadline = time.monotonic() + seconds
+        while not self.stop.requested:
+            now = time.time()
+            stats.last_loop_tick = stats.last_progress = now
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.stop.wait(min(left, 1.0))
+
     def _session(self) -> None:
         session = Session(self.cfg, self.stop, careful=self._careful, telemetry=self.telemetry)
         try:
@@ -696,7 +708,7 @@ class Relay:
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, RelayError) and e.retryable),
             wait=self._wait,
             stop=lambda _s: self.stop.requested,
-            sleep=self.stop.wait,
+            sleep=self._sleep,
             before_sleep=self._before_sleep,
             reraise=True,
         )
