@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -93,8 +94,6 @@ class StopSignal:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            import select
-
             select.select([self._r], [], [], left)
             self.drain()
 
