@@ -84,3 +84,49 @@ def encode_properties(
             _shortstr(app_id),
         )
     )
+
+
+# frame layout: type (octet), channel (short), size (long), payload, frame-end 0xCE
+_FRAME_HEAD = struct.Struct(">BHI")
+_FRAME_END = b"\xce"
+_METHOD, _HEADER, _BODY = 1, 2, 3
+_PUBLISH_HEAD = struct.Struct(">HHH")  # class 60 basic, method 40 publish, reserved ticket 0
+_CONTENT_HEAD = struct.Struct(">HHQ")  # class 60, weight 0, body size
+
+
+def encode_publish(
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    properties: bytes,
+    body: bytes,
+    frame_max: int,
+) -> bytes:
+    """The method, content-header and body frames of one ``basic.publish``, ready to write.
+
+    ``properties`` comes from ``encode_properties``; bodies larger than a frame are split at
+    ``frame_max - 8`` like every AMQP client must.
+    """
+    method = b"".join(
+        (
+            _PUBLISH_HEAD.pack(60, 40, 0),
+            _shortstr(exchange),
+            _shortstr(routing_key),
+            _U8.pack(1 if mandatory else 0),
+        )
+    )
+    header = _CONTENT_HEAD.pack(60, 0, len(body)) + properties
+    parts = [
+        _FRAME_HEAD.pack(_METHOD, channel, len(method)),
+        method,
+        _FRAME_END,
+        _FRAME_HEAD.pack(_HEADER, channel, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        parts += (_FRAME_HEAD.pack(_BODY, channel, len(piece)), piece, _FRAME_END)
+    return b"".join(parts)

@@ -59,3 +59,46 @@ def test_only_string_headers_take_the_fast_path() -> None:
 def test_overlong_short_string_is_refused() -> None:
     with pytest.raises(ValueError, match="255"):
         encode_properties("application/json", {}, 2, "x" * 256, 0, "T", "cdc-relay")
+
+
+def _pika_publish(
+    channel: int, exchange: str, routing_key: str, body: bytes, frame_max: int
+) -> bytes:
+    from pika import frame, spec
+
+    props = BasicProperties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id="id-1",
+        type="T",
+        timestamp=7,
+        app_id="cdc-relay",
+        headers={"a": "b"},
+    )
+    out = [
+        frame.Method(
+            channel, spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True)
+        ).marshal(),
+        frame.Header(channel, len(body), props).marshal(),
+    ]
+    chunk = frame_max - 8
+    for start in range(0, len(body), chunk):
+        out.append(frame.Body(channel, body[start : start + chunk]).marshal())
+    return b"".join(out)
+
+
+@given(
+    channel=st.integers(min_value=1, max_value=65535),
+    exchange=short,
+    routing_key=short,
+    body=st.binary(max_size=5000),
+    frame_max=st.sampled_from([4096, 131072]),
+)
+def test_publish_frames_match_pika(
+    channel: int, exchange: str, routing_key: str, body: bytes, frame_max: int
+) -> None:
+    from cdc_relay.amqp import encode_publish
+
+    props = encode_properties("application/json", {"a": "b"}, 2, "id-1", 7, "T", "cdc-relay")
+    ours = encode_publish(channel, exchange, routing_key, True, props, body, frame_max)
+    assert ours == _pika_publish(channel, exchange, routing_key, body, frame_max)
