@@ -74,6 +74,7 @@ class OutgoingMessage:
     headers: dict[str, object]
 
 
+_KEY_CACHE_SIZE = 10_000
 _encoder = msgspec.json.Encoder()
 _headers_decoder = msgspec.json.Decoder(dict[str, object])
 
@@ -85,7 +86,7 @@ class MessageBuilder:
     its own (several outbox tables, one per bounded context).
     """
 
-    __slots__ = ("_database", "_default", "_routes", "_slot")
+    __slots__ = ("_database", "_default", "_keys", "_routes", "_slot")
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class MessageBuilder:
         self._database = database
         self._default = (exchange, routing_key_template)
         self._routes = routes or {}
+        self._keys: dict[tuple[str, str, str], str] = {}
 
     def build(self, event: OutboxEvent, tx: TransactionInfo) -> OutgoingMessage:
         lsn = str(event.lsn)
@@ -138,11 +140,22 @@ class MessageBuilder:
         )
 
     def routing_key(self, event: OutboxEvent, template: str | None = None) -> str:
-        key = (template or self._default[1]).format(
+        template = template or self._default[1]
+        per_aggregate = "{aggregateid" in template
+        if not per_aggregate:
+            # keys repeat per (aggregate type, event type): render each once
+            cached = self._keys.get((template, event.aggregate_type, event.type))
+            if cached is not None:
+                return cached
+        key = template.format(
             aggregatetype=event.aggregate_type, aggregateid=event.aggregate_id, type=event.type
         )
         if len(key.encode()) > 255:
             raise OutboxError("routing key longer than 255 bytes", event_id=event.id, lsn=event.lsn)
+        if not per_aggregate:
+            if len(self._keys) >= _KEY_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[(template, event.aggregate_type, event.type)] = key
         return key
 
 
@@ -156,7 +169,11 @@ def _timestamp(event: OutboxEvent) -> dt.datetime | None:
     except ValueError:
         # 'infinity' and BC dates have no RFC 3339 form; the event is still worth delivering
         return None
-    return value.astimezone(dt.UTC) if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    if text.endswith("+00"):  # the relay's session runs in UTC: nearly always this
+        return value
+    return value.astimezone(dt.UTC)
 
 
 def _extra_headers(event: OutboxEvent) -> dict[str, object]:

@@ -392,3 +392,17 @@ def test_v1_consumer_rejects_other_versions() -> None:
     body = build().body.replace(b'{"v":1,', b'{"v":2,', 1)
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(body, type=EnvelopeV1)
+
+
+def test_cached_routing_keys_stay_correct_per_type_and_template() -> None:
+    b = MessageBuilder("s", "d", "{aggregatetype}.{type}")
+    keys = [
+        b.routing_key(make_event(aggregate_type=a, type=t))
+        for a, t in [("order", "Placed"), ("order", "Paid"), ("order", "Placed"), ("inv", "Paid")]
+    ]
+    assert keys == ["order.Placed", "order.Paid", "order.Placed", "inv.Paid"]
+    per_agg = MessageBuilder("s", "d", "{aggregatetype}.{aggregateid}")
+    assert per_agg.routing_key(make_event(aggregate_id="A")).endswith(".A")
+    assert per_agg.routing_key(make_event(aggregate_id="B")).endswith(".B")
+    other = b.routing_key(make_event(aggregate_type="order", type="Placed"), "x.{type}")
+    assert other == "x.Placed"
