@@ -50,10 +50,14 @@ test: install system-deps lint
 demo: install system-deps
 	$(PY) -m tests.demo
 
-bench: install system-deps
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run
 
-bench-quick: install system-deps
+bench-quick: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run --quick
 
 clean:

@@ -1,0 +1,201 @@
+"""Measuring instruments: queue depth, process CPU/RSS, and the latency consumer.
+
+The latency consumer runs as its own process so that its receipt timestamps are not delayed by
+the harness. It consumes (auto-ack) from one queue, stamps every delivery with ``time.time()``
+and, at the end, writes per-event latencies from the envelope's ``committed_at`` and
+``occurred_at`` (RFC 3339, written by PostgreSQL on this machine, so the same clock)::
+
+    python -m benchmarks.probe consume --url URL --queue Q --out latencies.json
+
+It prints ``{"event": "ready"}`` once consuming, reads the number of events to expect from its
+standard input (one line, whenever the producer knows it), and stops when it has them all or at
+``--max-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import select
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pika
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- /proc --------------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` value from /proc/<pid>/status, e.g. ``VmHWM`` (peak RSS) or ``VmRSS``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+# -- queue depth --------------------------------------------------------------------------------
+class Broker:
+    """A blocking admin connection: declare, bind, count and delete queues."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def declare_exchange(self, exchange: str) -> None:
+        """Exactly as cdc-relay declares it (topic, durable, with its alternate exchange)."""
+        self.channel.exchange_declare(
+            exchange,
+            "topic",
+            durable=True,
+            arguments={"alternate-exchange": f"{exchange}.unroutable"},
+        )
+
+    def fresh_queue(self, queue: str, exchange: str) -> None:
+        self.channel.queue_delete(queue)
+        self.channel.queue_declare(queue, durable=True)
+        self.channel.queue_bind(queue, exchange, "#")
+
+    def delete_queue(self, queue: str) -> None:
+        self.channel.queue_delete(queue)
+
+    def depth(self, queue: str) -> int:
+        ok = self.channel.queue_declare(queue, durable=True, passive=True)
+        return int(ok.method.message_count)
+
+    def wait_depth(
+        self, queue: str, n: int, timeout: float, interval: float = 0.02, alive: Any = None
+    ) -> tuple[float, int]:
+        """Poll until ``queue`` holds ``n`` messages → (unix time seen, depth).
+
+        Gives up at ``timeout``, or when ``alive()`` turns false and the depth has not moved
+        for two seconds (the publisher died or lost messages); the caller checks the depth.
+        """
+        deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
+        while True:
+            d = self.depth(queue)
+            now = time.monotonic()
+            if d >= n:
+                return time.time(), d
+            if d != last:
+                last, last_change = d, now
+            if now > deadline:
+                return time.time(), d
+            if alive is not None and not alive() and now - last_change > 2:
+                return time.time(), d
+            time.sleep(interval)
+
+
+# -- latency consumer ---------------------------------------------------------------------------
+class _Times(msgspec.Struct):
+    committed_at: str | None = None
+    occurred_at: str | None = None
+
+
+_decoder = msgspec.json.Decoder(_Times)
+
+
+def _epoch(text: str | None) -> float | None:
+    if text is None:
+        return None
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def consume(url: str, queue: str, out: Path, max_seconds: float) -> int:
+    received: list[tuple[float, bytes]] = []
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+
+    def on_message(_ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+        received.append((time.time(), body))
+
+    channel.basic_consume(queue, on_message, auto_ack=True)
+    print(json.dumps({"event": "ready", "t": time.time()}), flush=True)
+    expected: int | None = None
+    deadline = time.monotonic() + max_seconds
+    stdin = sys.stdin
+    while time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.05)
+        if expected is None and select.select([stdin], [], [], 0)[0]:
+            line = stdin.readline()
+            expected = int(line) if line.strip() else 0
+        if expected is not None and len(received) >= expected:
+            break
+    connection.close()
+    committed: list[float] = []
+    occurred: list[float] = []
+    size = 0
+    for t, body in received:
+        times = _decoder.decode(body)
+        size += len(body)
+        c = _epoch(times.committed_at)
+        o = _epoch(times.occurred_at)
+        if c is not None:
+            committed.append(t - c)
+        if o is not None:
+            occurred.append(t - o)
+    first = received[0][0] if received else 0.0
+    last = received[-1][0] if received else 0.0
+    out.write_text(
+        json.dumps(
+            {
+                "received": len(received),
+                "expected": expected,
+                "first_receipt": first,
+                "last_receipt": last,
+                "avg_body_bytes": size / len(received) if received else 0,
+                "commit_latency_s": committed,
+                "created_latency_s": occurred,
+            }
+        )
+    )
+    print(json.dumps({"event": "done", "t": time.time(), "received": len(received)}), flush=True)
+    return 0
+
+
+@contextmanager
+def broker(url: str) -> Iterator[Broker]:
+    b = Broker(url)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("consume", help="latency consumer")
+    p.add_argument("--url", required=True)
+    p.add_argument("--queue", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-seconds", type=float, default=120)
+    args = parser.parse_args(argv)
+    if not 0 < args.max_seconds <= 3600:
+        parser.error("--max-seconds must be in (0, 3600]")
+    return consume(args.url, args.queue, args.out, args.max_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

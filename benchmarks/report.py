@@ -1,0 +1,435 @@
+"""Turning a run's measurements into the table, the target verdicts and the plot.
+
+Every throughput row is shown as a ratio against the raw pika ceiling and against the polling
+relay measured in the same run; latency rows as a ratio of p99s against the polling relay at the
+same offered load (below 1 means lower latency than polling).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.run import Plan
+
+Result = dict[str, Any]
+Row = dict[str, Any]
+
+# relay warnings that a backlog drain causes by design (its events are old by the time they are
+# published); they stay in the JSON but are not anomalies
+EXPECTED_WARNINGS = ("propagation slower than threshold",)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def latency_summary(seconds: list[float]) -> dict[str, Any]:
+    """p50/p95/p99/max/mean in milliseconds, plus a 200-point CDF for the plot."""
+    v = sorted(x * 1000 for x in seconds)
+    points = 200
+    cdf = [[round(percentile(v, i / points), 3), i / points] for i in range(1, points + 1)]
+    return {
+        "n": len(v),
+        "p50": percentile(v, 0.50),
+        "p95": percentile(v, 0.95),
+        "p99": percentile(v, 0.99),
+        "max": v[-1],
+        "min": v[0],
+        "mean": sum(v) / len(v),
+        "cdf": cdf,
+    }
+
+
+def _ok(r: Result | None) -> bool:
+    return r is not None and "error" not in r
+
+
+def _rate(results: dict[str, Result], key: str) -> float | None:
+    r = results.get(key)
+    return float(r["rate"]) if _ok(r) and r is not None and r.get("rate") else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _n(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return f"{n:,}"
+
+
+def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
+    pika = _rate(results, "ceiling_pika")
+    polling = _rate(results, "polling_backlog")
+    out: list[Row] = []
+
+    def throughput(key: str, name: str, pika_key: str = "ceiling_pika") -> None:
+        r = results.get(key)
+        if r is None:
+            return
+        if not _ok(r):
+            out.append({"name": name, "key": key, "text": "FAILED: " + str(r["error"])[:60]})
+            return
+        rate = float(r["rate"])
+        delivered = r.get("delivered")
+        note = ""
+        if len(r.get("round_rates", ())) > 1:
+            note = f", median of {len(r['round_rates'])}"
+        if delivered is not None and delivered != r["n"]:
+            note = f" (delivered {delivered:,} of {r['n']:,})"
+        if r.get("final_depth") not in (None, r["n"]):
+            note += f" (queue ends with {r['final_depth']:,}: duplicates or loss)"
+        out.append(
+            {
+                "name": name,
+                "key": key,
+                "n": r["n"],
+                "unit": "ev/s",
+                "value": rate,
+                "seconds": r["seconds"],
+                "text": f"{rate:,.0f} ev/s in {r['seconds']:.2f} s{note}",
+                "vs_pika": _ratio(rate, _rate(results, pika_key) or pika),
+                "vs_polling": _ratio(rate, polling),
+                "cpu_us_per_event": r.get("cpu_us_per_event"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+            }
+        )
+
+    throughput("ceiling_pika", f"ceiling: raw pika, pipelined confirms (window {2000})")
+    throughput("ceiling_recvlogical", "ceiling: pg_recvlogical pgoutput decode")
+    throughput("cdc_backlog", f"cdc-relay backlog drain ({plan.txn_size} ev/txn)")
+    throughput("polling_backlog", "polling relay drain (SKIP LOCKED, batch 2000)")
+    throughput("naive_backlog", "naive relay (confirm each message)")
+
+    polling_steady = results.get("polling_steady")
+    polling_p99 = (
+        polling_steady["created_latency_ms"]["p99"]
+        if _ok(polling_steady) and polling_steady and "created_latency_ms" in polling_steady
+        else None
+    )
+
+    floor = results.get("floor_steady")
+    floor_p99 = (
+        floor["commit_latency_ms"]["p99"]
+        if _ok(floor) and floor and "commit_latency_ms" in floor
+        else None
+    )
+
+    def latency(key: str, basis: str, name: str) -> None:
+        r = results.get(key)
+        if r is None:
+            return
+        if not _ok(r):
+            out.append({"name": name, "key": key, "text": "FAILED: " + str(r["error"])[:60]})
+            return
+        lat = r.get(f"{basis}_latency_ms")
+        if lat is None:
+            return
+        lost = "" if r["received"] == r["committed"] else f" (got {r['received']}/{r['committed']})"
+        out.append(
+            {
+                "name": name,
+                "key": f"{key}:{basis}",
+                "n": r["committed"],
+                "unit": "ms p99",
+                "value": lat["p99"],
+                "text": f"p50 {lat['p50']:.1f} p95 {lat['p95']:.1f} p99 {lat['p99']:.1f} "
+                f"max {lat['max']:.0f} ms{lost}",
+                "vs_pika": _ratio(lat["p99"], floor_p99),
+                "vs_polling": _ratio(lat["p99"], polling_p99) if basis == "created" else None,
+                "cpu_us_per_event": r.get("cpu_us_per_event"),
+                "peak_rss_mb": r.get("peak_rss_mb"),
+            }
+        )
+
+    rate = f"{plan.rate:,.0f}/s"
+    latency("floor_steady", "commit", f"floor: raw pika {rate}: publish→consumer")
+    latency("cdc_steady", "commit", f"cdc-relay {rate}: commit→consumer")
+    latency("cdc_steady", "created", f"cdc-relay {rate}: created_at→consumer")
+    idle = f"{plan.poll_idle * 1000:.0f} ms idle"
+    latency("polling_steady", "created", f"polling {rate}, {idle}: created_at→consumer")
+
+    throughput("cdc_backlog", f"cdc-relay drain N={_n(plan.backlog)} ({plan.txn_size} ev/txn)")
+    for size in plan.scale:
+        throughput(f"ceiling_pika_{size}", f"ceiling: raw pika at N={_n(size)}")
+        throughput(
+            f"cdc_scale_{size}",
+            f"cdc-relay drain N={_n(size)} ({plan.txn_size} ev/txn)",
+            pika_key=f"ceiling_pika_{size}",
+        )
+    throughput(
+        "ceiling_recvlogical_big_txn", f"ceiling: pg_recvlogical, one txn of {_n(plan.big_txn)}"
+    )
+    throughput("cdc_big_txn", f"cdc-relay drain: one txn of {_n(plan.big_txn)} rows")
+    return out
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def table(table_rows: list[Row]) -> str:
+    head = (
+        f"{'scenario':<52} {'N':>6}  {'result':<40} {'vs pika':>8} {'vs poll':>8} "
+        f"{'CPU µs/ev':>9} {'RSS MB':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    seen_scale = False
+    for r in table_rows:
+        if r["name"].startswith("cdc-relay drain") and not seen_scale:
+            lines.append("scale (cdc-relay; vs pika: the ceiling at the same N where measured):")
+            seen_scale = True
+        cpu = r.get("cpu_us_per_event")
+        rss = r.get("peak_rss_mb")
+        lines.append(
+            f"{r['name']:<52} {_n(r['n']) if 'n' in r else '':>6}  {r['text']:<40} "
+            f"{_fmt_ratio(r.get('vs_pika')):>8} {_fmt_ratio(r.get('vs_polling')):>8} "
+            f"{'' if cpu is None else f'{cpu:.0f}':>9} {'' if rss is None else f'{rss:.0f}':>7}"
+        )
+    lines.append(
+        "vs pika / vs poll: events/s divided by the raw pika ceiling / the polling relay's backlog "
+        "drain;\nfor latency rows: p99 divided by the p99 of raw pika at the same rate (the "
+        "floor) / of the polling relay (same created_at basis, same load)."
+    )
+    lines.append(
+        "CPU µs/ev: the relay process's utime+stime during the measurement / events; RSS: VmHWM."
+    )
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, ok: bool | None, measured: str) -> None:
+        out.append({"target": name, "met": ok, "measured": measured})
+
+    pika = _rate(results, "ceiling_pika")
+    cdc = _rate(results, "cdc_backlog")
+    polling = _rate(results, "polling_backlog")
+    naive = _rate(results, "naive_backlog")
+    r = _ratio(cdc, pika)
+    paired = ""
+    cdc_r, pika_r = results.get("cdc_backlog", {}), results.get("ceiling_pika", {})
+    pairs = list(zip(cdc_r.get("round_rates", []), pika_r.get("round_rates", []), strict=False))
+    if len(pairs) > 1:
+        paired = "; per round " + ", ".join(f"{a / b:.2f}x" for a, b in pairs)
+    add(
+        "backlog drain >= 0.85 x raw pika ceiling",
+        None if r is None else r >= 0.85,
+        "n/a" if r is None else f"{r:.2f}x ({cdc:,.0f} vs {pika:,.0f} ev/s, medians{paired})",
+    )
+    r = _ratio(cdc, naive)
+    add(
+        "backlog drain >= 10 x naive relay",
+        None if r is None else r >= 10,
+        "n/a" if r is None else f"{r:.2f}x ({cdc:,.0f} vs {naive:,.0f} ev/s)",
+    )
+    r = _ratio(cdc, polling)
+    add(
+        "backlog drain ahead of the polling relay",
+        None if r is None else r > 1,
+        "n/a" if r is None else f"{r:.2f}x ({cdc:,.0f} vs {polling:,.0f} ev/s)",
+    )
+
+    cs, ps = results.get("cdc_steady"), results.get("polling_steady")
+    if (
+        _ok(cs)
+        and _ok(ps)
+        and cs
+        and ps
+        and "created_latency_ms" in cs
+        and "created_latency_ms" in ps
+    ):
+        a, b = cs["created_latency_ms"]["p99"], ps["created_latency_ms"]["p99"]
+        add(
+            f"p99 latency >= 10 x lower than polling at {plan.rate:,.0f}/s",
+            b / a >= 10,
+            f"{b / a:.1f}x lower ({a:.1f} vs {b:.1f} ms, created_at basis)",
+        )
+    else:
+        add(f"p99 latency >= 10 x lower than polling at {plan.rate:,.0f}/s", None, "n/a")
+    if _ok(cs) and cs and "commit_latency_ms" in cs:
+        p99 = cs["commit_latency_ms"]["p99"]
+        short = cs["received"] != cs["committed"]
+        add(
+            f"steady {plan.rate:,.0f}/s p99 <= 25 ms (commit→consumer)",
+            p99 <= 25 and not short,
+            f"p99 {p99:.1f} ms, received {cs['received']:,}/{cs['committed']:,}, offered "
+            f"{cs['achieved_rate']:,.0f}/s",
+        )
+    else:
+        add(f"steady {plan.rate:,.0f}/s p99 <= 25 ms (commit→consumer)", None, "n/a")
+
+    drains = [
+        (k, v)
+        for k, v in results.items()
+        if (k == "cdc_backlog" or k.startswith("cdc_scale_") or k == "cdc_big_txn") and _ok(v)
+    ]
+    if drains:
+        _, v = max(drains, key=lambda kv: (kv[1]["n"], kv[1]["peak_rss_mb"]))
+        at_1m = v["n"] >= 1_000_000
+        worst = max(d["peak_rss_mb"] for _, d in drains)
+        add(
+            "peak RSS <= 150 MB at 1M events",
+            (worst <= 150) if at_1m else None,
+            f"{worst:.0f} MB max over drains up to N={_n(v['n'])}"
+            + ("" if at_1m else " (1M not run in this mode)"),
+        )
+    batched = sorted((v["n"], v["seconds"]) for k, v in drains if k != "cdc_big_txn" and v["n"] > 0)
+    if len(batched) >= 2:
+        (n1, s1), (n2, s2) = batched[0], batched[-1]
+        growth = (s2 / n2) / (s1 / n1)
+        broker = ""
+        p1, p2 = _rate(results, "ceiling_pika"), _rate(results, f"ceiling_pika_{n2}")
+        if p1 and p2 and results["ceiling_pika"]["n"] == n1:
+            broker = f" (raw pika over the same range: x{p1 / p2:.2f})"
+        add(
+            "drain time roughly linear in N (per-event time grows <= 1.25x)",
+            growth <= 1.25,
+            f"{_n(n1)}: {s1:.2f} s, {_n(n2)}: {s2:.2f} s -> per-event time x{growth:.2f}{broker}",
+        )
+    else:
+        add("drain time roughly linear in N (per-event time grows <= 1.25x)", None, "n/a")
+    return out
+
+
+def anomalies(results: dict[str, Result]) -> list[str]:
+    """Anything that is not a number but should worry a reader: lost or duplicated events,
+    consumers that got fewer events than were committed, relay warnings and errors."""
+    out: list[str] = []
+    for key, r in results.items():
+        if not _ok(r):
+            continue
+        samples = r.get("samples") or [r]
+        for s in samples:
+            if not _ok(s):
+                continue
+            n = s.get("n")
+            if n is not None and s.get("delivered") not in (None, n):
+                out.append(f"{key}: the queue held {s['delivered']:,} when {n:,} were expected")
+            if n is not None and s.get("final_depth") not in (None, n):
+                out.append(
+                    f"{key}: after the relay stopped the queue held {s['final_depth']:,} for "
+                    f"{n:,} events (duplicates were published)"
+                    if s["final_depth"] > n
+                    else f"{key}: only {s['final_depth']:,} of {n:,} events arrived"
+                )
+            if "committed" in s and s.get("received") != s["committed"]:
+                out.append(f"{key}: consumer got {s['received']:,} of {s['committed']:,}")
+            for line in s.get("relay_log_problems") or []:
+                if not any(w in line for w in EXPECTED_WARNINGS):
+                    out.append(f"{key}: relay log: {line}")
+    return out
+
+
+def targets_text(items: list[dict[str, Any]]) -> str:
+    lines = ["targets:"]
+    for t in items:
+        mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t["met"]]
+        lines.append(f"  [{mark}] {t['target']}: {t['measured']}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path | None:
+    """Throughput bars and latency CDFs in one PNG; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    results: dict[str, Result] = doc["results"]
+    meta = doc["meta"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
+
+    bars = [r for r in doc["rows"] if r.get("unit") == "ev/s"]
+    seen: set[str] = set()
+    labels, values, colors = [], [], []
+    for r in bars:
+        if r["key"] in seen:
+            continue
+        seen.add(r["key"])
+        labels.append(f"{r['name']}\nN={_n(r['n'])}")
+        values.append(r["value"])
+        key = r["key"]
+        colors.append(
+            "#888888"
+            if key.startswith("ceiling")
+            else "#1f77b4"
+            if key.startswith("cdc")
+            else "#d62728"
+            if key.startswith("polling")
+            else "#ff7f0e"
+        )
+    y = list(range(len(values)))[::-1]
+    # the decode ceiling is an order of magnitude above the rest: draw it clipped, say so
+    others = [v for v, lab in zip(values, labels, strict=True) if "pg_recvlogical" not in lab]
+    xmax = max(others or values or [1.0]) * 1.3
+    ax1.barh(y, [min(v, xmax) for v in values], color=colors)
+    ax1.set_yticks(y, labels, fontsize=8)
+    for yi, v in zip(y, values, strict=True):
+        if v > xmax:
+            ax1.text(xmax, yi, f"{v:,.0f} (off scale) ", va="center", ha="right", fontsize=8,
+                     color="white", fontweight="bold")  # fmt: skip
+        else:
+            ax1.text(v, yi, f" {v:,.0f}", va="center", fontsize=8)
+    ax1.set_xlabel("events per second (higher is better)")
+    ax1.set_title("Throughput on the same PostgreSQL + RabbitMQ")
+    ax1.set_xlim(0, xmax)
+    ax1.grid(axis="x", alpha=0.3)
+
+    plan = meta["plan"]
+    curves = [
+        ("floor_steady", "commit", "floor: raw pika (publish→consumer)", "#888888", "-"),
+        ("cdc_steady", "commit", "cdc-relay (commit→consumer)", "#1f77b4", "-"),
+        ("cdc_steady", "created", "cdc-relay (created_at→consumer)", "#1f77b4", "--"),
+        (
+            "polling_steady",
+            "created",
+            f"polling relay, {plan.get('poll_idle', 0.01) * 1000:.0f} ms idle poll "
+            "(created_at→consumer)",
+            "#d62728",
+            "-",
+        ),
+    ]
+    for key, basis, label, color, style in curves:
+        r = results.get(key)
+        lat = r.get(f"{basis}_latency_ms") if r and "error" not in r else None
+        if not lat:
+            continue
+        xs = [max(p[0], 0.01) for p in lat["cdf"]]
+        ys = [p[1] for p in lat["cdf"]]
+        ax2.plot(xs, ys, style, color=color, label=f"{label}: p99 {lat['p99']:.1f} ms")
+        ax2.axvline(lat["p99"], color=color, linestyle=":", alpha=0.5)
+    ax2.axvline(25, color="black", linestyle="--", alpha=0.4, label="target p99 25 ms")
+    ax2.axhline(0.99, color="gray", linestyle=":", alpha=0.5)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("latency, ms (log scale)")
+    ax2.set_ylabel("fraction of events")
+    ax2.set_title(f"Latency CDF at {plan['rate']:,.0f} events/s ({plan['txn_size']} per txn)")
+    ax2.legend(fontsize=8, loc="center right")
+    ax2.grid(alpha=0.3, which="both")
+
+    pg_version = str(meta.get("postgres", "?")).split()[0]
+    dirty = " (dirty)" if meta["git"]["dirty"] else ""
+    fig.suptitle(
+        f"cdc-relay benchmark, {meta['mode']} run {meta['started']}, payload ~{plan['payload']} B, "
+        f"{meta.get('cpus')} CPUs shared with PostgreSQL {pg_version} and RabbitMQ "
+        f"{meta.get('rabbitmq', '?')}, git {meta['git']['commit']}{dirty}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
