@@ -51,6 +51,7 @@ log = logging.getLogger("cdc_relay")
 READ = PollEvents.READ
 WRITE = PollEvents.WRITE
 FORCED_EXIT_GRACE = 5.0  # seconds a closing session may take before the loop is stopped anyway
+TICK = 1.0  # seconds between loop ticks (liveness, alerts, due status updates)
 
 
 class StopSignal:
@@ -137,6 +138,8 @@ class Session:
         self._streaming = False
         self._pg_events = 0
         self._pg_fd = -1
+        self._last_status = 0.0
+        self._last_unroutable_check = 0.0
         self._write_pending = False
         self._flush_timer: object | None = None
         self._reported = Lsn(0)
@@ -214,7 +217,7 @@ class Session:
         self._pg_fd = self._stream.fileno()
         self._ioloop.add_handler(self._pg_fd, self._guard(self._on_pg_event), READ)
         self._pg_events = READ
-        self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
+        self._ioloop.call_later(TICK, self._guard(self._tick))
         log.info(
             "streaming",
             extra={
@@ -481,15 +484,28 @@ class Session:
         if not self.healthy and self.confirmed:
             self.healthy = True
 
-    def _status_tick(self) -> None:
+    def _tick(self) -> None:
+        """Once a second: liveness, alerts, and the periodic status update when it is due.
+
+        While reading is paused (window full, broker blocked) the relay cannot see the
+        server's reply requests, so an update is due every second then, whatever
+        ``status_interval`` says: the walsender must never time out because the broker is slow.
+        """
         if self._done:
             return
         failpoints.wedge("loop.wedge")
+        now = time.monotonic()
         self._stats.last_loop_tick = time.time()
         self._telemetry.alert.check()
-        self._send_status()
-        self._publisher.count_unroutable(self._guard(self._on_unroutable_count))
-        self._ioloop.call_later(self.cfg.status_interval, self._guard(self._status_tick))
+        interval = (
+            self.cfg.status_interval if self._reading else min(self.cfg.status_interval, TICK)
+        )
+        if now - self._last_status >= interval - 0.05:
+            self._send_status()
+        if now - self._last_unroutable_check >= self.cfg.status_interval:
+            self._last_unroutable_check = now
+            self._publisher.count_unroutable(self._guard(self._on_unroutable_count))
+        self._ioloop.call_later(TICK, self._guard(self._tick))
 
     def _send_status(self) -> None:
         if not self._streaming or self._done:
@@ -500,6 +516,7 @@ class Session:
                 standby_status_update(self._tracker.written, flush, flush, pg_now_us())
             )
             self._reported = flush
+            self._last_status = time.monotonic()
             self._stats.last_status_update = time.time()
             self._stats.confirmed_lsn = flush
             if self._span_txns:

@@ -266,3 +266,28 @@ def test_events_written_while_relay_is_down_arrive_after_start(env: Env) -> None
     assert [d.message_id for d in got] == [r[0] for r in rows]
     assert all(json.dumps(d.body["payload"]) for d in got)
     assert relay.terminate() == 0
+
+
+def test_full_window_keeps_the_walsender_alive_whatever_the_status_interval(env: Env) -> None:
+    """Reading pauses when the window is full, so reply requests go unseen: the relay must
+    still report often enough for wal_sender_timeout (10 s here), even with a 30 s interval."""
+    env.init()
+    relay = env.start_relay(max_in_flight="10", status_interval="30")
+    relay.wait_streaming()
+    env.rabbit.block_publishers()
+    try:
+        with env.sql() as conn, conn.transaction():
+            insert_events(conn, [outbox_row(f"W{i % 3}", i) for i in range(200)])
+        time.sleep(14)
+        assert "retrying" not in relay.log(), relay.log()
+        with env.sql() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'cdc-relay'"
+            ).fetchone()
+        assert row == (1,)
+    finally:
+        env.rabbit.unblock_publishers()
+    got = env.consume(200, timeout=60)
+    assert len({d.message_id for d in got}) == 200
+    assert len(got) == 200, "no replay, so no duplicates"
+    assert relay.terminate() == 0
