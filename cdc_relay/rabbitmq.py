@@ -134,7 +134,6 @@ class Publisher:
         self._connection: _CoalescingConnection | None = None
         self._channel: Channel | None = None
         self._closing = False
-        self.blocked = False
         self.ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -378,9 +377,7 @@ class Publisher:
         )
 
     def _on_blocked(self, _connection: Any, _frame: Any) -> None:
-        self.blocked = True
         log.warning("broker blocked publishing (resource alarm); holding the WAL position")
 
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
-        self.blocked = False
         log.info("broker unblocked publishing")
