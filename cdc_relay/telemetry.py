@@ -59,7 +59,7 @@ class Stats:
     def lag_seconds(self, now: float | None = None) -> float:
         if self.oldest_unconfirmed_commit is None:
             return 0.0
-        return max(0.0, (now or time.time()) - self.oldest_unconfirmed_commit)
+        return max(0.0, (time.time() if now is None else now) - self.oldest_unconfirmed_commit)
 
 
 class Metrics:
@@ -160,14 +160,34 @@ class _StatsCollector(Collector):
 
 
 class PropagationAlert:
-    """Warn once per episode when events take longer than the threshold to reach the broker."""
+    """Warn once per episode when events take longer than the threshold to reach the broker.
+
+    An episode ends when both signals are back under half the threshold: the lag, and the
+    latest transaction's commit→confirm; or when nothing has been pending for ``IDLE_RESET``
+    seconds. Otherwise sparse traffic in which every transaction is late would warn once per
+    transaction, each idle tick between them (lag 0) ending an "episode".
+    """
+
+    IDLE_RESET = 60.0
 
     def __init__(self, stats: Stats, threshold: float, slot: str) -> None:
         self._stats = stats
         self._threshold = threshold
         self._slot = slot
+        self._last_commit_to_confirm = 0.0
+        self._idle_since: float | None = None
 
-    def check(self, commit_to_confirm: float | None = None) -> None:
+    def check(self, commit_to_confirm: float | None = None, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if commit_to_confirm is not None:
+            self._last_commit_to_confirm = commit_to_confirm
+        if self._stats.oldest_unconfirmed_commit is not None or commit_to_confirm is not None:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= self.IDLE_RESET:
+            self._last_commit_to_confirm = 0.0  # a long quiet spell: the next late one is news
+        half = self._threshold / 2
         slow = self._stats.lag_seconds() > self._threshold or (
             commit_to_confirm is not None and commit_to_confirm > self._threshold
         )
@@ -184,9 +204,37 @@ class PropagationAlert:
                     else round(commit_to_confirm, 3),
                 },
             )
-        elif not slow and self._stats.alert and self._stats.lag_seconds() < self._threshold / 2:
+        elif (
+            not slow
+            and self._stats.alert
+            and self._stats.lag_seconds() < half
+            and self._last_commit_to_confirm < half
+        ):
             self._stats.alert = False
             log.info("propagation back within threshold", extra={"slot": self._slot})
+
+
+def _otlp_exporter() -> Any:
+    """The OTLP span exporter the standard variables ask for; None if it is not installed."""
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+    )
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter as GrpcExporter,
+            )
+        except ImportError:
+            log.error(
+                "OTLP gRPC exporter not installed (pip install "
+                "opentelemetry-exporter-otlp-proto-grpc); tracing is off"
+            )
+            return None
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
 
 
 def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
@@ -204,46 +252,38 @@ def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
 class Tracing:
     """OpenTelemetry spans for published events; a do-nothing object when tracing is off."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, exporter: Any = None) -> None:
+        """``exporter``: a span exporter to use instead of the OTLP one the ``OTEL_*``
+        variables describe (tests pass an in-memory one)."""
         self.enabled = enabled
         self._tracer: Any = None
         self._provider: Any = None
+        self._propagator: Any = None
+        self._trace: Any = None
         if enabled:
-            self._setup()
+            self._setup(exporter)
 
-    def _setup(self) -> None:
+    def _setup(self, exporter: Any) -> None:
+        # imported here so that a relay with tracing off never loads the SDK
+        from opentelemetry import trace
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        protocol = os.environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-        )
-        exporter: Any
-        if protocol == "grpc":
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                    OTLPSpanExporter as GrpcExporter,
-                )
-            except ImportError:
-                log.error(
-                    "OTLP gRPC exporter not installed (pip install "
-                    "opentelemetry-exporter-otlp-proto-grpc); tracing is off"
-                )
+        if exporter is None:
+            exporter = _otlp_exporter()
+            if exporter is None:
                 self.enabled = False
                 return
-            exporter = GrpcExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
         resource = Resource.create(
             {"service.name": os.environ.get("OTEL_SERVICE_NAME", "cdc-relay")}
         )
         self._provider = TracerProvider(resource=resource)
         self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer = self._provider.get_tracer(TRACER_NAME)
+        self._trace = trace
+        self._propagator = TraceContextTextMapPropagator()
 
     def start_publish(
         self,
@@ -256,12 +296,10 @@ class Tracing:
         slot: str,
     ) -> tuple[Any, str]:
         """A PRODUCER span for one event; returns it and the traceparent to send on."""
-        from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
+        trace = self._trace
         ctx = None
         if traceparent:
-            ctx = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+            ctx = self._propagator.extract({"traceparent": traceparent})
         span = self._tracer.start_span(
             f"{SPAN_PUBLISH} {exchange}",
             context=ctx,
@@ -280,7 +318,7 @@ class Tracing:
             },
         )
         carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
+        self._propagator.inject(carrier, context=trace.set_span_in_context(span))
         return span, carrier.get("traceparent", traceparent or "")
 
     def shutdown(self) -> None:
