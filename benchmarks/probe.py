@@ -10,6 +10,15 @@ and, at the end, writes per-event latencies from the envelope's ``committed_at``
 It prints ``{"event": "ready"}`` once consuming, reads the number of events to expect from its
 standard input (one line, whenever the producer knows it), and stops when it has them all or at
 ``--max-seconds``.
+
+The OTLP sink stands in for Jaeger when the benchmark runs the relay with tracing on: an
+OTLP/HTTP (protobuf) receiver on loopback, in its own process so its CPU is not the relay's, that
+counts the spans it is sent and drops them::
+
+    python -m benchmarks.probe otlp-sink
+
+It prints ``{"event": "ready", "port": P}``, then on SIGTERM ``{"event": "done", "spans": S,
+"requests": R, "bytes": B}``.
 """
 
 from __future__ import annotations
@@ -19,10 +28,13 @@ import datetime as dt
 import json
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +186,49 @@ def consume(url: str, queue: str, out: Path, max_seconds: float) -> int:
     return 0
 
 
+def otlp_sink(max_seconds: float) -> int:
+    """Accept OTLP/HTTP trace exports, count spans, answer 200; stop on SIGTERM."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    counts = {"spans": 0, "requests": 0, "bytes": 0, "publish_spans": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            req = ExportTraceServiceRequest()
+            req.ParseFromString(body)
+            spans = [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            with lock:
+                counts["requests"] += 1
+                counts["bytes"] += len(body)
+                counts["spans"] += len(spans)
+                counts["publish_spans"] += sum(s.name.startswith("publish ") for s in spans)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(json.dumps({"event": "ready", "t": time.time(), "port": server.server_port}), flush=True)
+    stop.wait(max_seconds)
+    server.shutdown()
+    server.server_close()
+    with lock:
+        print(json.dumps({"event": "done", "t": time.time(), **counts}), flush=True)
+    return 0
+
+
 @contextmanager
 def broker(url: str) -> Iterator[Broker]:
     b = Broker(url)
@@ -191,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-seconds", type=float, default=120)
+    s = sub.add_parser("otlp-sink", help="OTLP/HTTP trace receiver that counts spans")
+    s.add_argument("--max-seconds", type=float, default=1800)
     args = parser.parse_args(argv)
     if not 0 < args.max_seconds <= 3600:
         parser.error("--max-seconds must be in (0, 3600]")
+    if args.command == "otlp-sink":
+        return otlp_sink(args.max_seconds)
     return consume(args.url, args.queue, args.out, args.max_seconds)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import report
-from benchmarks.probe import Broker
+from benchmarks.probe import Broker, cpu_seconds
 from benchmarks.procs import (
     REPO,
     CdcRelay,
@@ -69,6 +69,7 @@ EXCHANGE = "bench"
 SCALE_CEILING_MAX = 200_000  # the pika ceiling is re-measured at scale N up to this size
 STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
+STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
 
 Result = dict[str, Any]
 
@@ -86,6 +87,8 @@ class Plan:
     seconds: float
     rounds: int  # interleaved repetitions of the headline drains (pika, cdc-relay, polling)
     poll_idle: float = 0.01  # the polling relays' sleep after an empty poll
+    # the steady-load comparison runs the polling relay at each of these sleeps
+    steady_poll_idles: tuple[float, ...] = (0.01, 0.1)
 
     @staticmethod
     def make(
@@ -93,9 +96,11 @@ class Plan:
     ) -> Plan:
         # large payloads shrink N so a run stays within its disk and time budget
         shrink = 1 if payload <= 256 else 4 if payload <= 2048 else 32
+        extra = () if poll_idle == STEADY_POLL_IDLE else (STEADY_POLL_IDLE,)
         common: dict[str, Any] = {
             **{"quick": quick, "payload": payload, "rate": rate, "txn_size": 10},
             "poll_idle": poll_idle,
+            "steady_poll_idles": (poll_idle, *extra),
         }
         if quick:
             return Plan(
@@ -204,10 +209,10 @@ class Bench:
             status_interval=str(STATUS_INTERVAL),
         )
 
-    def _peer_args(self, kind: str) -> list[str]:
+    def _peer_args(self, kind: str, idle: float | None = None) -> list[str]:
         return [
             *(kind, "--dsn", self.dsn, "--url", self.amqp, "--exchange", EXCHANGE),
-            *("--idle", str(self.plan.poll_idle)),
+            *("--idle", str(self.plan.poll_idle if idle is None else idle)),
         ]
 
     def child(self, name: str, module: str, args: list[str], stdin: bool = False) -> Child:
@@ -215,8 +220,8 @@ class Bench:
         self.children.append(c)
         return c
 
-    def relay(self, name: str, slot: str) -> CdcRelay:
-        r = CdcRelay(name, self._relay_env(slot), self.logdir)
+    def relay(self, name: str, slot: str, extra_env: dict[str, str] | None = None) -> CdcRelay:
+        r = CdcRelay(name, {**self._relay_env(slot), **(extra_env or {})}, self.logdir)
         self.children.append(r)
         return r
 
@@ -307,25 +312,46 @@ class Bench:
         }
 
     # -- cdc-relay ------------------------------------------------------------------------------
-    def cdc_drain(self, label: str, n: int, txn_size: int) -> Result:
+    def cdc_drain(self, label: str, n: int, txn_size: int, tracing: bool = False) -> Result:
+        """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
+        (Jaeger's stand-in, its own process), with the SDK's default batch processor settings."""
         slot = f"bench_{label}"
         self.reset(OUTBOX)
         env = self._relay_env(slot)
         relay_cli(env, "init", "--create-outbox")
+        otel: dict[str, str] = {}
+        sink: Child | None = None
+        traced: Result = {}
         try:
+            if tracing:
+                sink = self.child(f"otlp-sink-{label}", "benchmarks.probe", ["otlp-sink"])
+                port = sink.expect("ready", 60)["port"]
+                otel = {
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
+                    "OTEL_SERVICE_NAME": "cdc-relay-bench",
+                }
             info = self.backlog(OUTBOX, n, txn_size)
             with self.queue(label) as q:
                 spawned = time.time()
-                relay = self.relay(f"relay-{label}", slot)
+                relay = self.relay(f"relay-{label}", slot, otel)
                 t0 = relay.wait_streaming()
                 cpu0 = relay.cpu()
                 t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
                 cpu1 = relay.cpu()
                 rss = relay.peak_rss_mb()
-                relay.stop()
+                relay.stop()  # flushes the spans still buffered, then exits
                 problems = relay.log_problems()
                 time.sleep(0.2)
                 final = self.broker.depth(q)
+                if sink is not None:
+                    sink.terminate()
+                    done = sink.expect("done", 10)
+                    traced = {
+                        "tracing": True,
+                        "spans_exported": done["publish_spans"],
+                        "otlp_requests": done["requests"],
+                        "otlp_bytes": done["bytes"],
+                    }
         finally:
             self.end_children()
             with suppress(ChildError):  # never hide the error that got us here
@@ -344,13 +370,15 @@ class Bench:
             "peak_rss_mb": rss,
             "relay_log_problems": problems,
             **info,
+            **traced,
         }
 
-    def steady(self, kind: str) -> Result:
+    def steady(self, kind: str, idle: float | None = None) -> Result:
         """Producer at ``rate`` → relay → consumer measuring latency.
 
         ``kind``: ``cdc`` (cdc-relay), ``polling`` (the polling relay) or ``floor`` (no database
         and no relay: a raw pika publisher paced the same way, stamping its publish time).
+        ``idle``: the polling relay's sleep after an empty poll (default: the plan's).
         """
         plan = self.plan
         table = POLL_OUTBOX if kind == "polling" else OUTBOX
@@ -372,7 +400,7 @@ class Bench:
                     relay = self.child(
                         "polling-steady",
                         "benchmarks.peers",
-                        [*self._peer_args("polling"), "--max-seconds", limit],
+                        [*self._peer_args("polling", idle), "--max-seconds", limit],
                     )
                     relay.expect("ready", 60)
                 consumer = self.child(
@@ -440,11 +468,81 @@ class Bench:
             res["relay_log_problems"] = problems
         if peer_stats.get("cycles"):
             res["poll_cycles"] = peer_stats["cycles"]
+        if kind == "polling":
+            res["poll_idle_s"] = plan.poll_idle if idle is None else idle
         for basis in ("commit", "created"):
             values = data[f"{basis}_latency_s"]
             if values:
                 res[f"{basis}_latency_ms"] = report.latency_summary(values)
         return res
+
+    def idle_cost(self, kind: str, seconds: float = 5.0, idle: float | None = None) -> Result:
+        """What a relay costs while nothing is written: its CPU, and the transactions it
+        makes the database run (``pg_stat_database.xact_commit``, less the probe's own)."""
+        table = POLL_OUTBOX if kind == "polling" else OUTBOX
+        slot = "bench_idle"
+        self.reset(table)
+        env = self._relay_env(slot)
+        relay: Child
+        try:
+            if kind == "cdc":
+                relay_cli(env, "init", "--create-outbox")
+                cdc = self.relay("relay-idle", slot)
+                cdc.wait_streaming()
+                relay = cdc
+            else:
+                relay = self.child(
+                    "polling-idle",
+                    "benchmarks.peers",
+                    [*self._peer_args("polling", idle), "--max-seconds", str(seconds + 120)],
+                )
+                relay.expect("ready", 60)
+            time.sleep(1.0)  # past start-up
+            xacts0, cpu0, pg0 = self._xacts(), relay.cpu(), self._postgres_cpu()
+            time.sleep(seconds)
+            xacts1, cpu1, pg1 = self._xacts(), relay.cpu(), self._postgres_cpu()
+            if isinstance(relay, CdcRelay):
+                relay.stop()
+            else:
+                relay.terminate()
+        finally:
+            self.end_children()
+            if kind == "cdc":
+                with suppress(ChildError):
+                    relay_cli(env, "drop", "--yes")
+        return {
+            "seconds": seconds,
+            "db_xacts_per_s": max(0, xacts1 - xacts0 - 2) / seconds,
+            "cpu_ms_per_s": (cpu1 - cpu0) / seconds * 1000,
+            "postgres_cpu_ms_per_s": (pg1 - pg0) / seconds * 1000,
+            **(
+                {"poll_idle_s": self.plan.poll_idle if idle is None else idle}
+                if kind == "polling"
+                else {}
+            ),
+        }
+
+    def _postgres_cpu(self) -> float:
+        """CPU seconds of every PostgreSQL process (postmaster and its children)."""
+        pidfile = self.pg.data / "postmaster.pid"
+        postmaster = int(pidfile.read_text().split()[0])
+        total = 0.0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                pid = int(entry.name)
+                if pid == postmaster or int(stat[1]) == postmaster:
+                    total += cpu_seconds(pid)
+        return total
+
+    def _xacts(self) -> int:
+        self.sql.execute("SELECT pg_stat_clear_snapshot()")
+        row = self.sql.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", (DB,)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     # -- peers ----------------------------------------------------------------------------------
     def peer_drain(self, kind: str, n: int) -> Result:
@@ -476,6 +574,49 @@ class Bench:
         }
 
 
+def tracing_off_path(txn_size: int) -> Result:
+    """What tracing costs the relay when it is off, measured on the relay's own object.
+
+    With tracing off the hot path runs no OpenTelemetry code at all: it tests
+    ``Tracing.enabled`` once per published event and once per confirm callback (at most one
+    per event), and tests the list of open spans once per commit. This times that test on a
+    real ``Tracing(False)`` against an empty loop (best of 7, 1M iterations each) and scales
+    it to the checks one event costs; the report sets it against the relay's CPU per event.
+    """
+    from cdc_relay.telemetry import Tracing
+
+    tracing = Tracing(False)
+    n = 1_000_000
+
+    def guarded() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            if tracing.enabled:
+                raise AssertionError("tracing is off")
+        return time.perf_counter() - t
+
+    def bare() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            pass
+        return time.perf_counter() - t
+
+    with_check = min(guarded() for _ in range(7))
+    without = min(bare() for _ in range(7))
+    per_check = max(with_check - without, 0.0) / n * 1e9
+    checks = 2 + 1 / txn_size
+    return {
+        "ns_per_check": per_check,
+        "checks_per_event": checks,
+        "ns_per_event": per_check * checks,
+    }
+
+
+def polling_steady_key(index: int, idle: float) -> str:
+    """``polling_steady`` for the plan's own poll interval, then ``polling_steady_<ms>ms``."""
+    return "polling_steady" if index == 0 else f"polling_steady_{idle * 1000:.0f}ms"
+
+
 def _git() -> dict[str, Any]:
     def run(*args: str) -> str:
         out = subprocess.run(
@@ -502,6 +643,13 @@ def _step(
             extra = f"p99 {r['commit_latency_ms']['p99']:.1f} ms (commit)"
         elif "created_latency_ms" in r:
             extra = f"p99 {r['created_latency_ms']['p99']:.1f} ms (created_at)"
+        elif "db_xacts_per_s" in r:
+            extra = (
+                f"{r['db_xacts_per_s']:.0f} db xacts/s, CPU ms/s: relay "
+                f"{r['cpu_ms_per_s']:.1f}, postgres {r['postgres_cpu_ms_per_s']:.1f}"
+            )
+        elif "ns_per_event" in r:
+            extra = f"{r['ns_per_event']:.0f} ns/event"
         print(f" {extra} [{time.monotonic() - t:.0f}s]", flush=True)
     except Exception as exc:
         results[key] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -529,6 +677,11 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
                 partial(bench.cdc_drain, "backlog", n, plan.txn_size),
             ),
             (
+                f"cdc_traced#{r}",
+                f"cdc-relay backlog drain, tracing on, N={n:,}{tag}",
+                partial(bench.cdc_drain, "traced", n, plan.txn_size, True),
+            ),
+            (
                 f"polling_backlog#{r}",
                 f"polling relay drain, N={n:,}{tag}",
                 partial(bench.peer_drain, "polling", n),
@@ -536,6 +689,11 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
         ]
     rate = f"{plan.rate:,.0f} ev/s"
     steps += [
+        (
+            "tracing_off_path",
+            "tracing off: the hot path's checks, timed in-process",
+            partial(tracing_off_path, plan.txn_size),
+        ),
         (
             "ceiling_recvlogical",
             f"ceiling: pg_recvlogical, N={n:,}",
@@ -548,8 +706,23 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
         ),
         ("floor_steady", f"latency floor: raw pika at {rate}", partial(bench.steady, "floor")),
         ("cdc_steady", f"cdc-relay steady {rate}", partial(bench.steady, "cdc")),
-        ("polling_steady", f"polling relay steady {rate}", partial(bench.steady, "polling")),
     ]
+    steps.append(("cdc_idle", "cdc-relay idle for 5 s", partial(bench.idle_cost, "cdc")))
+    steps.append(
+        (
+            "polling_idle",
+            f"polling relay idle for 5 s, {plan.poll_idle * 1000:.0f} ms idle poll",
+            partial(bench.idle_cost, "polling"),
+        )
+    )
+    for i, idle in enumerate(plan.steady_poll_idles):
+        steps.append(
+            (
+                polling_steady_key(i, idle),
+                f"polling relay steady {rate}, {idle * 1000:.0f} ms idle poll",
+                partial(bench.steady, "polling", idle),
+            )
+        )
     for size in plan.scale:
         if size <= SCALE_CEILING_MAX:  # a million-message pika run would cost minutes
             steps.append(
@@ -626,7 +799,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         if "error" not in results["servers"]:
             for key, title, fn in _steps(bench, plan):
                 _step(bench, results, key, title, fn)
-            for key in ("ceiling_pika", "cdc_backlog", "polling_backlog"):
+            for key in ("ceiling_pika", "cdc_backlog", "cdc_traced", "polling_backlog"):
                 results[key] = _combine(
                     [results.pop(f"{key}#{r}") for r in range(1, plan.rounds + 1)]
                 )
