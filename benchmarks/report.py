@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
         return math.nan
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    # round first: 0.07 * 100 is 7.000000000000001 in floats, and ceil would skip a rank
+    k = max(0, min(len(sorted_values) - 1, math.ceil(round(q * len(sorted_values), 9)) - 1))
     return sorted_values[k]
 
 
@@ -117,6 +119,7 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     throughput("ceiling_recvlogical", "ceiling: pg_recvlogical pgoutput decode")
     throughput("cdc_backlog", f"cdc-relay backlog drain ({plan.txn_size} ev/txn)")
     throughput("cdc_traced", "cdc-relay backlog drain, tracing on (span/event)")
+    throughput("cdc_traced_sampled", "cdc-relay backlog drain, tracing on, 1% sampled")
     throughput("polling_backlog", "polling relay drain (SKIP LOCKED, batch 2000)")
     throughput("naive_backlog", "naive relay (confirm each message)")
 
@@ -165,7 +168,7 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     latency("floor_steady", "commit", f"floor: raw pika {rate}: publish→consumer")
     latency("cdc_steady", "commit", f"cdc-relay {rate}: commit→consumer")
     latency("cdc_steady", "created", f"cdc-relay {rate}: created_at→consumer")
-    for key, idle in _polling_steady(results):
+    for key, idle in _polling_steady(results, plan.poll_idle):
         latency(key, "created", f"polling {rate}, {idle * 1000:.0f} ms idle: created_at→consumer")
 
     def idle_row(key: str, name: str) -> None:
@@ -209,13 +212,17 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     return out
 
 
-def _polling_steady(results: dict[str, Result]) -> list[tuple[str, float]]:
-    """The steady-load runs of the polling relay and their poll intervals, shortest first."""
-    found = [
-        (k, float(v.get("poll_idle_s", 0.01)))
-        for k, v in results.items()
-        if k == "polling_steady" or k.startswith("polling_steady_")
-    ]
+def _polling_steady(results: dict[str, Result], primary: float = 0.01) -> list[tuple[str, float]]:
+    """The steady-load runs of the polling relay and their poll intervals, shortest first.
+
+    A failed run records no interval: it comes from the key (``polling_steady_100ms``), or is
+    the plan's own (``primary``) for ``polling_steady``."""
+    found = []
+    for key, value in results.items():
+        if key == "polling_steady":
+            found.append((key, float(value.get("poll_idle_s", primary))))
+        elif m := re.fullmatch(r"polling_steady_(\d+)ms", key):
+            found.append((key, float(value.get("poll_idle_s", int(m.group(1)) / 1000))))
     return sorted(found, key=lambda kv: kv[1])
 
 
@@ -294,7 +301,7 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
 
     cs = results.get("cdc_steady")
     floor = results.get("floor_steady")
-    runs = _polling_steady(results) or [("polling_steady", plan.poll_idle)]
+    runs = _polling_steady(results, plan.poll_idle) or [("polling_steady", plan.poll_idle)]
     for key, idle in runs:
         name = (
             f"p99 latency >= 10 x lower than polling at {plan.rate:,.0f}/s "
@@ -342,6 +349,8 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
             f"{worst:.0f} MB max over drains up to N={_n(v['n'])}"
             + ("" if at_1m else " (1M not run in this mode)"),
         )
+    else:
+        add("peak RSS <= 150 MB at 1M events", None, "n/a (no drain succeeded)")
     batched = sorted((v["n"], v["seconds"]) for k, v in drains if k != "cdc_big_txn" and v["n"] > 0)
     if len(batched) >= 2:
         (n1, s1), (n2, s2) = batched[0], batched[-1]
@@ -379,7 +388,10 @@ def _tracing_target(results: dict[str, Result]) -> tuple[str, bool | None, str]:
     off_path, off, on = (results.get(k) for k in ("tracing_off_path", "cdc_backlog", "cdc_traced"))
     if not (_ok(off_path) and _ok(off) and off_path and off):
         return name, None, "n/a"
-    samples = [x for x in off.get("samples") or [off] if _ok(x)]
+    # a drain shorter than one CPU clock tick reads 0: it cannot resolve anything
+    samples = [x for x in off.get("samples") or [off] if _ok(x) and x["cpu_us_per_event"] > 0]
+    if not samples:
+        return name, None, "n/a (the drains were too short to measure their CPU)"
     cpus = [float(x["cpu_us_per_event"]) for x in samples]
     cpu = statistics.median(cpus)
     share = float(off_path["ns_per_event"]) / (cpu * 1000)
@@ -402,6 +414,12 @@ def _tracing_target(results: dict[str, Result]) -> tuple[str, bool | None, str]:
             f"{float(on['rate']) / float(off['rate']):.2f}x the rate, "
             f"at least {exported:,} of {int(on['n']):,} spans exported per round"
         )
+    sampled = results.get("cdc_traced_sampled")
+    if _ok(sampled) and sampled:
+        measured += (
+            f"; 1% sampled: {float(sampled['cpu_us_per_event']):.0f} µs/event, "
+            f"{float(sampled['rate']) / float(off['rate']):.2f}x the rate"
+        )
     return name, share < 0.01 and share < noise, measured
 
 
@@ -412,6 +430,8 @@ def anomalies(results: dict[str, Result]) -> list[str]:
     for key, r in results.items():
         if not _ok(r):
             continue
+        if r.get("failed_rounds"):
+            out.append(f"{key}: {r['failed_rounds']} of {len(r['samples'])} rounds failed")
         samples = r.get("samples") or [r]
         for s in samples:
             if not _ok(s):
@@ -497,7 +517,8 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         ("cdc_steady", "commit", "cdc-relay (commit→consumer)", "#1f77b4", "-"),
         ("cdc_steady", "created", "cdc-relay (created_at→consumer)", "#1f77b4", "--"),
     ]
-    for (key, idle), style in zip(_polling_steady(results), ("-", "--", ":", "-."), strict=False):
+    runs = _polling_steady(results, float(plan.get("poll_idle", 0.01)))
+    for (key, idle), style in zip(runs, ("-", "--", ":", "-."), strict=False):
         label = f"polling relay, {idle * 1000:.0f} ms idle poll (created_at→consumer)"
         curves.append((key, "created", label, "#d62728", style))
     for key, basis, label, color, style in curves:

@@ -255,6 +255,7 @@ class Bench:
 
     # -- ceilings ------------------------------------------------------------------------------
     def ceiling_pika(self, n: int) -> Result:
+        settled = self.settle()
         with self.queue("pika") as q:
             args = ["pika", "--url", self.amqp, "--exchange", EXCHANGE, "--count", str(n)]
             args += ["--window", str(WINDOW), "--payload", str(self.plan.payload)]
@@ -272,6 +273,7 @@ class Bench:
             "rate": n / seconds,
             "body_bytes": ready.get("body_bytes"),
             "publisher_confirm_rate": done.get("rate"),
+            "settle_s": round(settled, 1),
             "cpu_us_per_event": float(done.get("cpu_s", 0.0)) / n * 1e6,
         }
 
@@ -312,9 +314,12 @@ class Bench:
         }
 
     # -- cdc-relay ------------------------------------------------------------------------------
-    def cdc_drain(self, label: str, n: int, txn_size: int, tracing: bool = False) -> Result:
+    def cdc_drain(
+        self, label: str, n: int, txn_size: int, tracing: bool = False, sample: float = 1.0
+    ) -> Result:
         """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
-        (Jaeger's stand-in, its own process), with the SDK's default batch processor settings."""
+        (Jaeger's stand-in, its own process), with the SDK's default batch processor settings;
+        ``sample`` < 1 keeps that fraction of traces (``parentbased_traceidratio``)."""
         slot = f"bench_{label}"
         self.reset(OUTBOX)
         env = self._relay_env(slot)
@@ -330,7 +335,11 @@ class Bench:
                     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
                     "OTEL_SERVICE_NAME": "cdc-relay-bench",
                 }
+                if sample < 1:
+                    otel["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+                    otel["OTEL_TRACES_SAMPLER_ARG"] = str(sample)
             info = self.backlog(OUTBOX, n, txn_size)
+            info["settle_s"] = round(self.settle(), 1)
             with self.queue(label) as q:
                 spawned = time.time()
                 relay = self.relay(f"relay-{label}", slot, otel)
@@ -348,6 +357,7 @@ class Bench:
                     done = sink.expect("done", 10)
                     traced = {
                         "tracing": True,
+                        "sample": sample,
                         "spans_exported": done["publish_spans"],
                         "otlp_requests": done["requests"],
                         "otlp_bytes": done["bytes"],
@@ -389,6 +399,7 @@ class Bench:
             relay_cli(env, "init", "--create-outbox")
         out = self.logdir / f"latency-{kind}.json"
         limit = str(plan.seconds + 120)
+        settled = self.settle()
         relay: Child | None = None
         try:
             with self.queue(f"steady_{kind}") as q:
@@ -463,6 +474,7 @@ class Bench:
             "avg_body_bytes": data["avg_body_bytes"],
             "cpu_us_per_event": (cpu1 - cpu0) / committed * 1e6 if relay and committed else None,
             "peak_rss_mb": rss,
+            "settle_s": round(settled, 1),
         }
         if kind == "cdc":
             res["relay_log_problems"] = problems
@@ -537,6 +549,30 @@ class Bench:
                     total += cpu_seconds(pid)
         return total
 
+    def _server_cpu(self) -> float:
+        """CPU seconds of the broker (every beam.smp) and of every PostgreSQL process."""
+        total = self._postgres_cpu()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with suppress(OSError, ValueError, IndexError):
+                    if b"beam.smp" in (entry / "cmdline").read_bytes():
+                        total += cpu_seconds(int(entry.name))
+        return total
+
+    def settle(self, limit: float = 30.0) -> float:
+        """Wait until the servers are quiet (< 0.15 cores over 0.5 s), at most ``limit`` s.
+
+        A scenario must not pay for the last one's clean-up: the broker deleting a queue of a
+        million persistent messages, PostgreSQL checkpointing. Returns the seconds waited.
+        """
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            c0, w0 = self._server_cpu(), time.monotonic()
+            time.sleep(0.5)
+            if (self._server_cpu() - c0) / (time.monotonic() - w0) < 0.15:
+                break
+        return time.monotonic() - t0
+
     def _xacts(self) -> int:
         self.sql.execute("SELECT pg_stat_clear_snapshot()")
         row = self.sql.execute(
@@ -548,6 +584,7 @@ class Bench:
     def peer_drain(self, kind: str, n: int) -> Result:
         self.reset(POLL_OUTBOX)
         info = self.backlog(POLL_OUTBOX, n, self.plan.txn_size)
+        info["settle_s"] = round(self.settle(), 1)
         with self.queue(kind) as q:
             peer = self.child(
                 f"{kind}-backlog",
@@ -689,6 +726,11 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
         ]
     rate = f"{plan.rate:,.0f} ev/s"
     steps += [
+        (
+            "cdc_traced_sampled",
+            f"cdc-relay backlog drain, tracing on, 1% sampled, N={n:,}",
+            partial(bench.cdc_drain, "sampled", n, plan.txn_size, True, 0.01),
+        ),
         (
             "tracing_off_path",
             "tracing off: the hot path's checks, timed in-process",
