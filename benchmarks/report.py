@@ -83,12 +83,17 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     polling = _rate(results, "polling_backlog")
     out: list[Row] = []
 
-    def throughput(key: str, name: str, pika_key: str = "ceiling_pika") -> None:
+    def measured(key: str, name: str) -> Result | None:
+        """The scenario's result; a FAILED row instead if it raised, nothing if it did not run."""
         r = results.get(key)
-        if r is None:
-            return
-        if not _ok(r):
+        if r is not None and not _ok(r):
             out.append({"name": name, "key": key, "text": "FAILED: " + str(r["error"])[:60]})
+            return None
+        return r
+
+    def throughput(key: str, name: str, pika_key: str = "ceiling_pika") -> None:
+        r = measured(key, name)
+        if r is None:
             return
         rate = float(r["rate"])
         delivered = r.get("delivered")
@@ -138,11 +143,8 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     )
 
     def latency(key: str, basis: str, name: str) -> None:
-        r = results.get(key)
+        r = measured(key, name)
         if r is None:
-            return
-        if not _ok(r):
-            out.append({"name": name, "key": key, "text": "FAILED: " + str(r["error"])[:60]})
             return
         lat = r.get(f"{basis}_latency_ms")
         if lat is None:
@@ -172,11 +174,8 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
         latency(key, "created", f"polling {rate}, {idle * 1000:.0f} ms idle: created_at→consumer")
 
     def idle_row(key: str, name: str) -> None:
-        r = results.get(key)
+        r = measured(key, name)
         if r is None:
-            return
-        if not _ok(r):
-            out.append({"name": name, "key": key, "text": "FAILED: " + str(r["error"])[:60]})
             return
         out.append(
             {
