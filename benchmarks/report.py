@@ -207,7 +207,11 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     throughput(
         "ceiling_recvlogical_big_txn", f"ceiling: pg_recvlogical, one txn of {_n(plan.big_txn)}"
     )
-    throughput("cdc_big_txn", f"cdc-relay drain: one txn of {_n(plan.big_txn)} rows")
+    throughput(
+        "cdc_big_txn",
+        f"cdc-relay drain: one txn of {_n(plan.big_txn)} rows",
+        pika_key=f"ceiling_pika_{plan.big_txn}",
+    )
     return out
 
 
@@ -319,10 +323,9 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
         a, b = cs["created_latency_ms"]["p99"], ps["created_latency_ms"]["p99"]
         measured = f"{b / a:.1f}x lower ({a:.1f} vs {b:.1f} ms, created_at basis)"
         if _ok(floor) and floor and "commit_latency_ms" in floor:
-            # no relay can beat the broker's own publish→consumer p99 at the same load
+            # a relay cannot get far below the broker's own publish→consumer time at that load
             fp99 = floor["commit_latency_ms"]["p99"]
-            measured += f"; even at the floor's p99 ({fp99:.1f} ms) the best possible is "
-            measured += f"{b / fp99:.1f}x"
+            measured += f"; raw pika alone at the same load: p99 {fp99:.1f} ms, {b / fp99:.1f}x"
         add(name, b / a >= 10, measured)
     if _ok(cs) and cs and "commit_latency_ms" in cs:
         p99 = cs["commit_latency_ms"]["p99"]
