@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +170,7 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     latency("floor_steady", "commit", f"floor: raw pika {rate}: publish→consumer")
     latency("cdc_steady", "commit", f"cdc-relay {rate}: commit→consumer")
     latency("cdc_steady", "created", f"cdc-relay {rate}: created_at→consumer")
-    for key, idle in _polling_steady(results, plan.poll_idle):
+    for key, idle in _polling_steady(results, plan.steady_poll_idles):
         latency(key, "created", f"polling {rate}, {idle * 1000:.0f} ms idle: created_at→consumer")
 
     def idle_row(key: str, name: str) -> None:
@@ -215,18 +215,16 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     return out
 
 
-def _polling_steady(results: dict[str, Result], primary: float = 0.01) -> list[tuple[str, float]]:
-    """The steady-load runs of the polling relay and their poll intervals, shortest first.
+def polling_steady_key(index: int, idle: float) -> str:
+    """``polling_steady`` for the plan's own poll interval, then ``polling_steady_<ms>ms``."""
+    return "polling_steady" if index == 0 else f"polling_steady_{idle * 1000:.0f}ms"
 
-    A failed run records no interval: it comes from the key (``polling_steady_100ms``), or is
-    the plan's own (``primary``) for ``polling_steady``."""
-    found = []
-    for key, value in results.items():
-        if key == "polling_steady":
-            found.append((key, float(value.get("poll_idle_s", primary))))
-        elif m := re.fullmatch(r"polling_steady_(\d+)ms", key):
-            found.append((key, float(value.get("poll_idle_s", int(m.group(1)) / 1000))))
-    return sorted(found, key=lambda kv: kv[1])
+
+def _polling_steady(results: dict[str, Result], idles: Sequence[float]) -> list[tuple[str, float]]:
+    """The steady-load runs of the polling relay that ran (the plan's ``steady_poll_idles``),
+    with their poll intervals, shortest first; a failed run keeps its interval."""
+    keys = [(polling_steady_key(i, idle), idle) for i, idle in enumerate(idles)]
+    return sorted(((k, idle) for k, idle in keys if k in results), key=lambda kv: kv[1])
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -307,7 +305,7 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
 
     cs = results.get("cdc_steady")
     floor = results.get("floor_steady")
-    runs = _polling_steady(results, plan.poll_idle) or [("polling_steady", plan.poll_idle)]
+    runs = _polling_steady(results, plan.steady_poll_idles) or [("polling_steady", plan.poll_idle)]
     for key, idle in runs:
         name = (
             f"p99 latency >= 10 x lower than polling at {plan.rate:,.0f}/s "
@@ -521,7 +519,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         ("cdc_steady", "commit", "cdc-relay (commit→consumer)", "#1f77b4", "-"),
         ("cdc_steady", "created", "cdc-relay (created_at→consumer)", "#1f77b4", "--"),
     ]
-    runs = _polling_steady(results, float(plan.get("poll_idle", 0.01)))
+    runs = _polling_steady(results, plan.get("steady_poll_idles") or [plan.get("poll_idle", 0.01)])
     for (key, idle), style in zip(runs, ("-", "--", ":", "-."), strict=False):
         label = f"polling relay, {idle * 1000:.0f} ms idle poll (created_at→consumer)"
         curves.append((key, "created", label, "#d62728", style))

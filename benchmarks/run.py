@@ -44,7 +44,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import report
-from benchmarks.probe import Broker, cpu_seconds
+from benchmarks.probe import CLK_TCK, Broker
 from benchmarks.procs import (
     REPO,
     CdcRelay,
@@ -512,9 +512,9 @@ class Bench:
                 )
                 relay.expect("ready", 60)
             time.sleep(1.0)  # past start-up
-            xacts0, cpu0, pg0 = self._xacts(), relay.cpu(), self._postgres_cpu()
+            xacts0, cpu0, pg0 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
             time.sleep(seconds)
-            xacts1, cpu1, pg1 = self._xacts(), relay.cpu(), self._postgres_cpu()
+            xacts1, cpu1, pg1 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
             if isinstance(relay, CdcRelay):
                 relay.stop()
             else:
@@ -536,29 +536,22 @@ class Bench:
             ),
         }
 
-    def _postgres_cpu(self) -> float:
-        """CPU seconds of every PostgreSQL process (postmaster and its children)."""
-        pidfile = self.pg.data / "postmaster.pid"
-        postmaster = int(pidfile.read_text().split()[0])
+    def _server_cpu(self, broker: bool = True) -> float:
+        """CPU seconds of every PostgreSQL process (postmaster and its children) and, with
+        ``broker``, of the broker (every beam.smp): one pass over /proc."""
+        postmaster = int((self.pg.data / "postmaster.pid").read_text().split()[0])
         total = 0.0
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             with suppress(OSError, ValueError, IndexError):
                 stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                pid = int(entry.name)
-                if pid == postmaster or int(stat[1]) == postmaster:
-                    total += cpu_seconds(pid)
-        return total
-
-    def _server_cpu(self) -> float:
-        """CPU seconds of the broker (every beam.smp) and of every PostgreSQL process."""
-        total = self._postgres_cpu()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with suppress(OSError, ValueError, IndexError):
-                    if b"beam.smp" in (entry / "cmdline").read_bytes():
-                        total += cpu_seconds(int(entry.name))
+                # stat[1] is the parent pid; stat[11], stat[12] are utime and stime
+                ours = int(entry.name) == postmaster or int(stat[1]) == postmaster
+                if not ours and broker:
+                    ours = b"beam.smp" in (entry / "cmdline").read_bytes()
+                if ours:
+                    total += (int(stat[11]) + int(stat[12])) / CLK_TCK
         return total
 
     def settle(self, limit: float = 30.0) -> float:
@@ -649,11 +642,6 @@ def tracing_off_path(txn_size: int) -> Result:
         "checks_per_event": checks,
         "ns_per_event": per_check * checks,
     }
-
-
-def polling_steady_key(index: int, idle: float) -> str:
-    """``polling_steady`` for the plan's own poll interval, then ``polling_steady_<ms>ms``."""
-    return "polling_steady" if index == 0 else f"polling_steady_{idle * 1000:.0f}ms"
 
 
 def _git() -> dict[str, Any]:
@@ -762,7 +750,7 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
     for i, idle in enumerate(plan.steady_poll_idles):
         steps.append(
             (
-                polling_steady_key(i, idle),
+                report.polling_steady_key(i, idle),
                 f"polling relay steady {rate}, {idle * 1000:.0f} ms idle poll",
                 partial(bench.steady, "polling", idle),
             )

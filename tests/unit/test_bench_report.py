@@ -235,8 +235,13 @@ def test_polling_steady_runs_sorted_by_poll_interval() -> None:
     """Both steady polling runs are found, shortest poll first; other polling keys are not."""
     res = healthy()
     res = {"polling_steady_100ms": res["polling_steady_100ms"], **res}  # insertion order reversed
-    assert report._polling_steady(res) == [("polling_steady", 0.01), ("polling_steady_100ms", 0.1)]
-    assert report._polling_steady({"polling_backlog": peer(), "polling_idle": idle(1, 1)}) == []
+    idles = QUICK.steady_poll_idles
+    assert report._polling_steady(res, idles) == [
+        ("polling_steady", 0.01),
+        ("polling_steady_100ms", 0.1),
+    ]
+    other = {"polling_backlog": peer(), "polling_idle": idle(1, 1)}
+    assert report._polling_steady(other, idles) == []
 
 
 def test_failed_polling_steady_keeps_its_poll_interval() -> None:
