@@ -48,9 +48,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     routing_key: str = "{aggregatetype}.{type}"
     create_slot: bool = False
     max_in_flight: int = 2000
+    max_in_flight_bytes: int = 64 * 1024 * 1024
+    max_in_flight_per_aggregate: int = 0
     status_interval: float = 10.0
     flush_delay: float = 0.05
     stop_timeout: float = 30.0
+    replication_timeout: float = 30.0
+    publication_check_interval: float = 60.0
     amqp_heartbeat: int = 30
     reconnect_min: float = 0.5
     reconnect_max: float = 10.0
@@ -66,7 +70,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     column_created_at: str = "created_at"
     alternate_exchange: bool = True
     dead_letter_exchange: str = ""
-    max_message_size: int = 134217728
+    invalid_event_policy: Literal["halt", "dead_letter"] = "halt"
+    max_message_size: int = 16 * 1024 * 1024
     http_address: str = "127.0.0.1:9187"
     health_timeout: float = 60.0
     alert_latency: float = 5.0
@@ -112,9 +117,19 @@ HELP: dict[str, str] = {
     "routing_key": "routing key template; fields: {aggregatetype} {aggregateid} {type}",
     "create_slot": "let `run` create a missing slot and publication (otherwise `init` does)",
     "max_in_flight": "unconfirmed messages allowed before the relay stops reading the WAL",
+    "max_in_flight_bytes": "unconfirmed message bytes allowed before the relay stops reading "
+    "the WAL (bounds memory when events are large)",
+    "max_in_flight_per_aggregate": "0: pipeline freely; 1: hold an aggregate's next event "
+    "until its previous one is confirmed, so a nack or return can never let a later event of "
+    "that aggregate arrive first (costs throughput when one aggregate has many events in a row)",
     "status_interval": "seconds between standby status updates (keep below wal_sender_timeout)",
     "flush_delay": "seconds to wait after progress before reporting it (batches status updates)",
-    "stop_timeout": "seconds a graceful stop waits for the open transaction and its confirms",
+    "stop_timeout": "seconds a graceful stop waits for the open transaction and its confirms "
+    "(give the container a grace period of stop_timeout + 5 s)",
+    "replication_timeout": "seconds PostgreSQL may stay silent after the relay asked it for a "
+    "reply before the replication connection counts as lost (detects half-open connections)",
+    "publication_check_interval": "seconds between re-checks of the publication while "
+    "streaming; the slot is never moved through idle WAL past the last check",
     "amqp_heartbeat": "AMQP heartbeat seconds (detects a half-open broker connection)",
     "reconnect_min": "first reconnect backoff in seconds",
     "reconnect_max": "largest reconnect backoff in seconds",
@@ -131,9 +146,13 @@ HELP: dict[str, str] = {
     "alternate_exchange": "declare <exchange>.unroutable (fanout + durable queue) as the "
     "exchange's alternate exchange, so events no binding matches are kept, not dropped",
     "dead_letter_exchange": "existing exchange for events the broker can never accept "
-    "(larger than max_message_size); empty: such an event halts the relay",
+    "(larger than max_message_size, or invalid under invalid_event_policy = dead_letter); "
+    "empty: such an event halts the relay",
+    "invalid_event_policy": "a row that cannot become a faithful message (NULL id, id or "
+    "type over 255 bytes, unusable headers, payload not JSON): halt (stop before it, name it) "
+    "or dead_letter (publish the raw row and the reason to dead_letter_exchange, then go on)",
     "max_message_size": "largest message body in bytes the broker accepts (RabbitMQ's "
-    "max_message_size)",
+    "max_message_size; 16 MiB by default since RabbitMQ 4.0)",
     "http_address": "host:port for /metrics, /healthz and /readyz (empty: off)",
     "health_timeout": "seconds without loop tick or progress (data, keepalive, ack) before "
     "/healthz fails",
@@ -205,11 +224,16 @@ def _validate(cfg: Config) -> None:
         "reconnect_max",
         "health_timeout",
         "alert_latency",
+        "replication_timeout",
+        "publication_check_interval",
     ):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(key, "must be a finite number of seconds")
     positive = (
         "max_in_flight",
+        "max_in_flight_bytes",
+        "replication_timeout",
+        "publication_check_interval",
         "status_interval",
         "stop_timeout",
         "reconnect_min",
@@ -220,6 +244,15 @@ def _validate(cfg: Config) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(key, "must be greater than 0")
+    if cfg.max_in_flight_per_aggregate not in (0, 1):
+        raise ConfigError(
+            "max_in_flight_per_aggregate", "must be 0 (pipeline freely) or 1 (strict order)"
+        )
+    if cfg.invalid_event_policy == "dead_letter" and not cfg.dead_letter_exchange:
+        raise ConfigError(
+            "invalid_event_policy",
+            "dead_letter needs dead_letter_exchange set to an existing exchange",
+        )
     if cfg.flush_delay < 0:
         raise ConfigError("flush_delay", "must be 0 or more")
     if cfg.reconnect_max < cfg.reconnect_min:

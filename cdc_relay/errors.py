@@ -1,20 +1,28 @@
 """The error tree of cdc-relay.
 
-Every error says whether retrying can help (``retryable``), so the daemon's restart policy is a
-property of the failure rather than a guess at the call site. Errors carry context (slot, LSN,
-event id) but never payloads or credentials: their text goes straight into logs.
+Every error says whether retrying can help (``retryable``) and which side it came from
+(``side``: ``"postgres"``, ``"rabbitmq"`` or ``None`` for the relay's own data, config or logic),
+so the restart policy and the reconnect counters are properties of the failure, never a guess
+from its text. Errors carry context (slot, LSN, event id) but never payloads or credentials:
+their text goes straight into logs.
 """
 
 from __future__ import annotations
+
+POSTGRES = "postgres"
+RABBITMQ = "rabbitmq"
 
 
 class RelayError(Exception):
     """Base of every error cdc-relay raises on purpose."""
 
     retryable: bool = False
+    side: str | None = None
 
-    def __init__(self, message: str, **context: object) -> None:
+    def __init__(self, message: str, *, side: str | None = None, **context: object) -> None:
         self.message = message
+        if side is not None:
+            self.side = side
         self.context = {k: v for k, v in context.items() if v is not None}
         super().__init__(self.__str__())
 
@@ -44,6 +52,8 @@ class DecodeError(RelayError):
     same bytes again, so this is not retryable: it means a protocol mismatch or a bug.
     """
 
+    side = POSTGRES
+
     def __init__(self, kind: str, offset: int, problem: str) -> None:
         self.kind = kind
         self.offset = offset
@@ -55,11 +65,44 @@ class DecodeError(RelayError):
 
 
 class OutboxError(RelayError):
-    """An outbox row cannot become an event (missing column, unusable value).
+    """An outbox table or its configuration cannot produce events (e.g. a missing column).
 
     Not retryable: the same WAL will produce the same row. The operator must fix the table or the
     configuration; the slot is not advanced past the row, so nothing is lost meanwhile.
     """
+
+
+class InvalidEvent(OutboxError):
+    """One row (or logical message) that cannot become a faithful message, whatever the table.
+
+    The value itself is the problem (NULL id, header the broker would refuse, id longer than
+    AMQP allows, payload that is not JSON, ...), so ``invalid_event_policy`` decides: halt
+    before it, or divert it whole to the dead-letter exchange and go on. ``row`` keeps the raw
+    column values (bytes as PostgreSQL sent them) for that dead-letter message; it never reaches
+    a log line.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        column: str | None = None,
+        event_id: str | None = None,
+        lsn: object = None,
+        relation: str | None = None,
+        row: dict[str, bytes | None] | None = None,
+        **context: object,
+    ) -> None:
+        self.problem = problem
+        self.column = column
+        self.event_id = event_id
+        self.lsn = lsn
+        self.relation = relation
+        self.row = row
+        shown_id = event_id if event_id is None or len(event_id) <= 80 else event_id[:80] + "..."
+        super().__init__(
+            problem, relation=relation, column=column, event_id=shown_id, lsn=lsn, **context
+        )
 
 
 class SetupError(RelayError):
@@ -79,7 +122,14 @@ class SlotBusy(ConnectionLost):
     """The slot is streaming to another connection (another relay instance).
 
     Retryable: this instance waits as a standby and takes over when the holder goes away.
+    ``holder_pid`` is the walsender that holds it, when known.
     """
+
+    side = POSTGRES
+
+    def __init__(self, message: str, *, holder_pid: int | None = None, **context: object) -> None:
+        self.holder_pid = holder_pid
+        super().__init__(message, **context)
 
 
 class PublishFailed(RelayError):
@@ -90,19 +140,34 @@ class PublishFailed(RelayError):
     """
 
     retryable = True
+    side = RABBITMQ
 
 
 class Nacked(PublishFailed):
-    """The broker nacked or returned a message (queue full, unroutable). Retry carefully."""
+    """The broker nacked a message (queue full, internal error). Retry carefully."""
+
+
+class Returned(Nacked):
+    """The broker returned a mandatory message: no queue is bound for its routing key."""
 
 
 class BrokerRefused(RelayError):
-    """The broker will never accept this message as sent (e.g. larger than its limit).
+    """The broker will never accept this as sent (too large, access refused, bad arguments).
 
     Not retryable: resending the same bytes gets the same answer. The relay halts without
     moving the slot past the event; the message says which setting diverts or admits it.
     """
 
+    side = RABBITMQ
+
 
 class AuthenticationFailed(RelayError):
     """Credentials were rejected. Retrying would only hammer the server: not retryable."""
+
+
+class InternalError(RelayError):
+    """A bug: an exception nobody expected. The session's checkpoint freezes at once.
+
+    Not retryable, and unlike a data error it does not wait for confirms: the state that would
+    have to be trusted to count them is the state that just proved inconsistent.
+    """
