@@ -3,7 +3,11 @@
 Start-up checks fail closed: a relay streaming from the wrong slot, an invalidated slot or a
 publication that misses the outbox would silently lose events, so every mismatch becomes a
 ``SetupError`` that tells the operator what to run. A lost slot is never recreated by the relay:
-doing so would skip every event in the lost WAL without anyone noticing.
+doing so would skip every event in the lost WAL without anyone noticing. To know that a missing
+slot is *lost* rather than *not created yet*, every slot the relay creates is recorded in the
+publication's comment (a marker that survives failover, ``pg_basebackup`` and restores, because
+the publication is an ordinary catalog row); only ``cdc-relay init``, asked for by an operator,
+creates a slot the marker says existed.
 
 Names only ever reach SQL as bound parameters or as ``psycopg.sql.Identifier``; the SQL printed
 in error hints is quoted the same way, so it can be pasted as-is.
@@ -12,23 +16,40 @@ in error hints is quoted the same way, so it can be pasted as-is.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import logging
+import re
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 import psycopg
 from psycopg import sql
 
 from cdc_relay.config import Config, redact
-from cdc_relay.errors import AuthenticationFailed, ConnectionLost, SetupError, SlotBusy
+from cdc_relay.errors import POSTGRES, ConnectionLost, SetupError, SlotBusy
 from cdc_relay.lsn import Lsn
-from cdc_relay.postgres import APPLICATION_NAME, quote_ident, quote_literal
+from cdc_relay.postgres import (
+    APPLICATION_NAME,
+    connect_failure,
+    encoding_problem,
+    is_transient_sqlstate,
+    quote_ident,
+    quote_literal,
+    session_conninfo,
+)
 
 Conn: TypeAlias = "psycopg.Connection[tuple[object, ...]]"
+
+log = logging.getLogger("cdc_relay")
 
 MIN_SERVER_VERSION = 140000
 # column lists and row filters on publications exist from PostgreSQL 15 on
 PUBLICATION_FILTERS_VERSION = 150000
+# failover slots (synchronised to standbys with sync_replication_slots) exist from 17 on
+FAILOVER_SLOTS_VERSION = 170000
+# the periodic publication re-check must never hang the relay on a busy catalog
+WATERMARK_STATEMENT_TIMEOUT = "5s"
 
 # (column key as in Config.columns(), default name, type and constraints): sql/outbox.sql
 OUTBOX_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -52,8 +73,8 @@ _RELKINDS = {
     "c": "composite type",
     "t": "TOAST table",
 }
-# SQLSTATEs a retry can fix: connection exceptions, shutdowns, serialization, too many clients
-_TRANSIENT_SQLSTATES = ("08", "57P", "40", "53300")
+# besides postgres.TRANSIENT_SQLSTATES: a statement cancelled (statement_timeout) may pass next time
+_QUERY_CANCELED = "57014"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +94,19 @@ class SlotStatus:
 
 
 def connect(cfg: Config) -> Conn:
-    """An autocommit SQL connection with the relay's application_name."""
+    """An autocommit SQL connection with the relay's application_name and session settings.
+
+    The same settings as the replication connection (``postgres.session_conninfo``): UTF-8,
+    TCP liveness, and a 10 s connect_timeout unless pg_dsn says otherwise (psycopg's own
+    default is 130 s, long enough to ignore SIGTERM).
+    """
+    conninfo = session_conninfo(cfg.pg_dsn)
     try:
         return psycopg.connect(
-            cfg.pg_dsn, autocommit=True, application_name=f"{APPLICATION_NAME}-admin"
+            conninfo, autocommit=True, application_name=f"{APPLICATION_NAME}-admin"
         )
     except psycopg.OperationalError as exc:
-        text = redact(str(exc)).strip()
-        if "password authentication failed" in text or "no pg_hba.conf entry" in text:
-            raise AuthenticationFailed(f"PostgreSQL refused the credentials: {text}") from None
-        raise ConnectionLost(f"cannot connect to PostgreSQL: {text}") from None
+        raise connect_failure(redact(str(exc)).strip(), replication=False) from None
     except psycopg.ProgrammingError:
         # libpq's parse error may quote a fragment of the password: never echo it
         raise SetupError(
@@ -101,12 +125,12 @@ def _sql_errors(cfg: Config, what: str) -> Iterator[None]:
         state = exc.sqlstate or ""
         # no SQLSTATE: a client-side failure; only a broken connection is worth a retry
         if (
-            state.startswith(_TRANSIENT_SQLSTATES)
+            is_transient_sqlstate(state) or state == _QUERY_CANCELED
             if state
             else isinstance(exc, psycopg.OperationalError)
         ):
             raise ConnectionLost(
-                f"PostgreSQL connection failed while {what}: {text}", slot=cfg.slot
+                f"PostgreSQL connection failed while {what}: {text}", side=POSTGRES, slot=cfg.slot
             ) from None
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             raise SetupError(
@@ -150,6 +174,16 @@ def check_server(conn: Conn) -> None:
             "wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) "
             "and restart PostgreSQL"
         )
+
+
+def check_encoding(conn: Conn) -> None:
+    """The session carries UTF-8 text: refuses SQL_ASCII databases (see ``encoding_problem``)."""
+    problem = encoding_problem(
+        conn.info.parameter_status("server_encoding"),
+        conn.info.parameter_status("client_encoding"),
+    )
+    if problem is not None:
+        raise SetupError(problem)
 
 
 # -- the outbox table(s) ---------------------------------------------------------------------------
@@ -342,29 +376,190 @@ def check_publication(conn: Conn, cfg: Config) -> None:
                 )
 
 
+# -- the marker: which slots the relay created -----------------------------------------------------
+_MARKER_RE = re.compile(
+    r"^cdc-relay: slot (?P<slot>\S+) (?P<how>created|seen) at (?P<lsn>\S+) "
+    r"on system (?P<system_id>\S+) timeline (?P<timeline>\d+) at (?P<at>\S+)$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotMarker:
+    """One line of the publication's comment: a slot the relay created (or found in use).
+
+    A publication is replicated, backed up and restored with the database, unlike a slot, so
+    after a failover or a restore the marker says a slot existed that is now gone.
+    """
+
+    slot: str
+    lsn: str
+    system_id: str
+    timeline: int
+    at: str
+    how: str = "created"
+
+    def line(self) -> str:
+        return (
+            f"cdc-relay: slot {self.slot} {self.how} at {self.lsn} on system {self.system_id} "
+            f"timeline {self.timeline} at {self.at}"
+        )
+
+
+def parse_markers(comment: str | None) -> dict[str, SlotMarker]:
+    """Every slot marker in a publication comment, by slot name; other lines are ignored."""
+    found: dict[str, SlotMarker] = {}
+    for raw in (comment or "").splitlines():
+        m = _MARKER_RE.match(raw.strip())
+        if m is not None:
+            found[m["slot"]] = SlotMarker(
+                slot=m["slot"],
+                lsn=m["lsn"],
+                system_id=m["system_id"],
+                timeline=int(m["timeline"]),
+                at=m["at"],
+                how=m["how"],
+            )
+    return found
+
+
+def with_marker(comment: str | None, marker: SlotMarker) -> str:
+    """The comment with ``marker`` replacing that slot's line; every other line is kept."""
+    lines = [
+        raw
+        for raw in (comment or "").splitlines()
+        if (m := _MARKER_RE.match(raw.strip())) is None or m["slot"] != marker.slot
+    ]
+    return "\n".join([*lines, marker.line()])
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _system(conn: Conn) -> tuple[str, int]:
+    """(system identifier, current timeline) of the server, as IDENTIFY_SYSTEM would say.
+
+    The insert timeline is read from the name of the current WAL segment: pg_control's
+    checkpoint timeline lags behind a promotion until the next checkpoint.
+    """
+    row = _one(
+        conn,
+        "SELECT system_identifier::text, pg_is_in_recovery() FROM pg_control_system()",
+    )
+    assert row is not None
+    system_id, in_recovery = str(row[0]), bool(row[1])
+    if in_recovery:
+        tli = _one(conn, "SELECT timeline_id FROM pg_control_checkpoint()")
+        return system_id, int(str(tli[0])) if tli else 0
+    wal = _one(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    return system_id, int(str(wal[0])[:8], 16) if wal else 0
+
+
+def _publication_comment(conn: Conn, publication: str) -> str | None:
+    row = _one(
+        conn,
+        "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = %s",
+        publication,
+    )
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def _write_marker(conn: Conn, cfg: Config, lsn: str, how: str) -> str | None:
+    """Record the slot in the publication's comment; what was done, or None if not allowed.
+
+    Refused (not the publication's owner, a read-only standby): the relay still works, it just
+    cannot tell a lost slot from a new one later, so this is a warning, not a failure.
+    """
+    system_id, timeline = _system(conn)
+    marker = SlotMarker(cfg.slot, lsn, system_id, timeline, _utc_now(), how)
+    comment = with_marker(_publication_comment(conn, cfg.publication), marker)
+    try:
+        conn.execute(
+            sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
+                sql.Identifier(cfg.publication), sql.Literal(comment)
+            )
+        )
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+        log.warning(
+            "cannot record the slot in the publication's comment, so a later loss of the slot "
+            "cannot be told from a first start: give the relay's role ownership of the "
+            "publication, and keep create_slot off",
+            extra={
+                "slot": cfg.slot,
+                "publication": cfg.publication,
+                "error": redact(exc.diag.message_primary or str(exc)),
+            },
+        )
+        return None
+    return f"recorded slot {cfg.slot} in the comment of publication {cfg.publication}"
+
+
+def vanished_slot_error(cfg: Config, marker: SlotMarker, system: tuple[str, int]) -> SetupError:
+    """The refusal for a missing slot that the marker says existed: recreating it loses events."""
+    system_id, timeline = system
+    moved = (
+        f"; this server is system {system_id} timeline {timeline}, so it changed since"
+        if (system_id, timeline) != (marker.system_id, marker.timeline)
+        else ""
+    )
+    recorded = "created" if marker.how == "created" else "in use"
+    return SetupError(
+        f"replication slot {cfg.slot} existed and is gone: publication {cfg.publication} "
+        f"records it {recorded} at {marker.lsn} on system {marker.system_id} timeline "
+        f"{marker.timeline} ({marker.at}){moved}. A failover to a replica, a dropped slot or a "
+        "restore from a base backup loses a slot; a new one would start at the current WAL "
+        "position and skip every outbox event committed in between, so the relay will not "
+        "create it on its own, whatever create_slot says. Recover: publish what the old slot "
+        "had not relayed by reconciling from the outbox table (rows committed since "
+        f"{marker.at}), then run `cdc-relay init` to create the slot deliberately",
+        slot=cfg.slot,
+        publication=cfg.publication,
+    )
+
+
+def _check_not_vanished(conn: Conn, cfg: Config) -> None:
+    """Raise ``vanished_slot_error`` if the (missing) slot is named by the marker."""
+    marker = parse_markers(_publication_comment(conn, cfg.publication)).get(cfg.slot)
+    if marker is not None:
+        raise vanished_slot_error(cfg, marker, _system(conn))
+
+
 # -- the slot --------------------------------------------------------------------------------------
-def check_slot(conn: Conn, cfg: Config) -> Lsn:
+def check_slot(conn: Conn, cfg: Config, own_pids: Collection[int] = ()) -> Lsn:
     """Verify the slot is ours to stream from; return its confirmed_flush_lsn.
 
-    Raises ``SetupError`` for a slot that is missing, of another kind, plugin or database, or
-    invalidated, and ``SlotBusy`` (retryable) while another connection streams from it.
+    Raises ``SetupError`` for a slot that is missing, of another kind, plugin or database,
+    invalidated or two-phase, and ``SlotBusy`` (retryable) while another connection streams
+    from it. ``own_pids`` are walsender pids of this relay's earlier sessions: one of them still
+    holding the slot is the relay's own connection closing, not a rival.
     """
     slot = cfg.slot
     row = _one(
         conn,
         "SELECT s.plugin, s.slot_type, d.datname, s.active, s.active_pid, "
-        "s.confirmed_flush_lsn::text, s.wal_status, current_database() "
+        "s.confirmed_flush_lsn::text, s.wal_status, current_database(), s.two_phase "
         "FROM pg_replication_slots s LEFT JOIN pg_database d ON d.oid = s.datoid "
         "WHERE s.slot_name = %s",
         slot,
     )
     if row is None:
+        _check_not_vanished(conn, cfg)
         raise SetupError(
             f"replication slot {slot} does not exist: run `cdc-relay init` "
-            "(or set create_slot = true)",
+            "(or set create_slot = true for the first start)",
             slot=slot,
         )
-    plugin, slot_type, datname, active, active_pid, confirmed, wal_status, current_db = row
+    (
+        plugin,
+        slot_type,
+        datname,
+        active,
+        active_pid,
+        confirmed,
+        wal_status,
+        current_db,
+        two_phase,
+    ) = row
     drop_it = f"SELECT pg_drop_replication_slot({quote_literal(slot)})"
     if slot_type != "logical":
         raise SetupError(
@@ -395,14 +590,17 @@ def check_slot(conn: Conn, cfg: Config) -> Lsn:
             "the relay never recreates it on its own",
             slot=slot,
         )
-    if active:
-        raise SlotBusy(
-            f"slot {slot} is active in another connection (pid {active_pid}): another relay "
-            "is streaming from it; waiting as a standby until it is released (if that process "
-            f"is stale, stop it or SELECT pg_terminate_backend({active_pid}))",
+    if two_phase:
+        raise SetupError(
+            f"slot {slot} was created with two_phase = true: PostgreSQL would send prepared "
+            "transactions as PREPARE / COMMIT PREPARED messages, which the relay does not "
+            "handle, so it would halt at the first PREPARE TRANSACTION. Re-create the slot "
+            f"without two-phase: {drop_it} (reconcile from the outbox table anything it had "
+            "not relayed), then run `cdc-relay init`",
             slot=slot,
-            pid=active_pid,
         )
+    if active:
+        raise _busy(slot, active_pid, own_pids)
     if confirmed is None:
         raise SetupError(
             f"slot {slot} has no confirmed_flush_lsn (it was never fully created): "
@@ -412,24 +610,79 @@ def check_slot(conn: Conn, cfg: Config) -> Lsn:
     return Lsn.parse(str(confirmed))
 
 
+def _busy(slot: str, active_pid: object, own_pids: Collection[int]) -> SlotBusy:
+    """The retryable refusal for an active slot: a rival relay, or our own last connection."""
+    pid = int(str(active_pid)) if active_pid is not None else None
+    if pid is not None and pid in own_pids:
+        return SlotBusy(
+            f"slot {slot} is still held by this relay's own previous connection (pid {pid}), "
+            "which PostgreSQL has not finished closing; retrying shortly",
+            holder_pid=pid,
+            slot=slot,
+        )
+    return SlotBusy(
+        f"slot {slot} is active in another connection (pid {pid}): another relay "
+        "is streaming from it; waiting as a standby until it is released (if that process "
+        f"is stale, stop it or SELECT pg_terminate_backend({pid}))",
+        holder_pid=pid,
+        slot=slot,
+    )
+
+
 def _slot_exists(conn: Conn, slot: str) -> bool:
     return _one(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", slot) is not None
 
 
+def create_slot_query(server_version: int) -> str:
+    """The slot-creating statement; ``%s`` is the slot name, the result is its start LSN.
+
+    On PostgreSQL 17+ the slot is a failover slot, so a standby with
+    ``sync_replication_slots = on`` keeps a copy and a promotion does not lose it.
+    """
+    args = "%s, 'pgoutput'"
+    if server_version >= FAILOVER_SLOTS_VERSION:
+        args += ", failover => true"
+    return f"SELECT lsn::text FROM pg_create_logical_replication_slot({args})"
+
+
+def _create_slot(conn: Conn, cfg: Config) -> list[str]:
+    """Create the slot and record it in the marker; what was done (nothing if it raced)."""
+    previous = parse_markers(_publication_comment(conn, cfg.publication)).get(cfg.slot)
+    try:
+        row = _one(conn, create_slot_query(conn.info.server_version), cfg.slot)
+    except psycopg.errors.DuplicateObject:  # a concurrent init; checked by the caller
+        return []
+    lsn = str(row[0]) if row else "?"
+    done = [f"created slot {cfg.slot} at {lsn}"]
+    if previous is not None:
+        done[0] += (
+            f" (replacing the one recorded at {previous.lsn} on {previous.at}: events between "
+            "that slot's last position and this one were not relayed by it)"
+        )
+    marked = _write_marker(conn, cfg, lsn, "created")
+    return done if marked is None else [*done, marked]
+
+
 # -- commands --------------------------------------------------------------------------------------
-def init(cfg: Config, create_outbox: bool) -> list[str]:
+def init(cfg: Config, create_outbox: bool, *, deliberate: bool = True) -> list[str]:
     """Create what is missing (outbox, publication, slot); idempotent. Returns what was done.
 
     An existing slot or publication that is wrong (other plugin or database, invalidated,
-    FOR ALL TABLES, ...) is refused before anything is created; it is never silently reused.
+    two-phase, FOR ALL TABLES, ...) is refused before anything is created; it is never silently
+    reused. ``deliberate`` is an operator's ``cdc-relay init``: it creates the slot even when
+    the marker says one existed before. ``run`` with ``create_slot`` passes False and is
+    refused then (``vanished_slot_error``).
     """
     done: list[str] = []
     with connect(cfg) as conn, _sql_errors(cfg, "running init"):
         check_server(conn)
+        check_encoding(conn)
         slot_exists = _slot_exists(conn, cfg.slot)
         if slot_exists:
             with contextlib.suppress(SlotBusy):  # a running relay is fine for init
                 check_slot(conn, cfg)
+        elif not deliberate:
+            _check_not_vanished(conn, cfg)
         pub_exists = _publication_kind(conn, cfg) is not None
         if create_outbox:
             for schema, name in cfg.tables:
@@ -455,32 +708,70 @@ def init(cfg: Config, create_outbox: bool) -> list[str]:
                 done.append(f"created publication {cfg.publication}")
         check_publication(conn, cfg)
         if not slot_exists:
-            with contextlib.suppress(psycopg.errors.DuplicateObject):  # checked just below
-                conn.execute(
-                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (cfg.slot,)
-                )
-                done.append(f"created slot {cfg.slot}")
+            done += _create_slot(conn, cfg)
         with contextlib.suppress(SlotBusy):
             check_slot(conn, cfg)
     return done
 
 
-def prepare(cfg: Config) -> Lsn:
-    """Every start-up check; create slot and publication first if configured. → start LSN."""
-    if cfg.create_slot:
-        init(cfg, create_outbox=False)
+def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = ()) -> Lsn:
+    """Every start-up check; with ``create_slot``, create what is missing first. → start LSN.
+
+    ``allow_create``: the daemon passes False once a session has seen the slot, so a slot that
+    disappears while the process runs is never replaced (the marker covers restarts).
+    ``own_pids``: walsender pids of this process's earlier sessions (see ``check_slot``).
+    What it creates or records is logged.
+    """
+    if cfg.create_slot and allow_create:
+        for action in init(cfg, create_outbox=False, deliberate=False):
+            log.info(action, extra={"slot": cfg.slot, "publication": cfg.publication})
     with connect(cfg) as conn, _sql_errors(cfg, "checking the slot and publication"):
         check_server(conn)
+        check_encoding(conn)
         check_outbox_table(conn, cfg)
         check_publication(conn, cfg)
-        return check_slot(conn, cfg)
+        start = check_slot(conn, cfg, own_pids)
+        if cfg.create_slot and cfg.slot not in parse_markers(
+            _publication_comment(conn, cfg.publication)
+        ):
+            # a slot from before markers existed: record it, or create_slot could replace it
+            marked = _write_marker(conn, cfg, str(start), "seen")
+            if marked is not None:
+                log.info(marked, extra={"slot": cfg.slot, "publication": cfg.publication})
+        return start
+
+
+def current_wal_lsn(conn: Conn) -> Lsn:
+    row = _one(conn, "SELECT pg_current_wal_lsn()::text")
+    assert row is not None
+    return Lsn.parse(str(row[0]))
+
+
+def publication_watermark(cfg: Config) -> Lsn:
+    """Re-check the publication while streaming; → the WAL position it vouches for.
+
+    Reads ``pg_current_wal_lsn()`` first, then runs ``check_publication``: WAL up to the
+    returned LSN was written before a check that found the publication intact, so the relay
+    may move the slot through idle WAL up to there, and no further. Drift (the outbox left
+    out, inserts unpublished, a row filter or a column list) raises ``SetupError``; an
+    unreachable server raises ``ConnectionLost``. Opens its own short-lived connection and
+    touches no shared state, so a worker thread may run it.
+    """
+    with connect(cfg) as conn, _sql_errors(cfg, "re-checking the publication"):
+        conn.execute(f"SET statement_timeout = '{WATERMARK_STATEMENT_TIMEOUT}'")
+        watermark = current_wal_lsn(conn)
+        try:
+            check_publication(conn, cfg)
+        except SetupError as err:
+            raise SetupError(
+                f"the publication changed while streaming: {err.message}", **err.context
+            ) from None
+    return watermark
 
 
 def status(cfg: Config) -> SlotStatus:
     with connect(cfg) as conn, _sql_errors(cfg, "reading the slot status"):
-        current = _one(conn, "SELECT pg_current_wal_lsn()::text")
-        assert current is not None
-        current_lsn = Lsn.parse(str(current[0]))
+        current_lsn = current_wal_lsn(conn)
         row = _one(
             conn,
             "SELECT s.active, s.active_pid, s.confirmed_flush_lsn::text, s.wal_status, "

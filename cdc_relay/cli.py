@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         help="create publication and slot (idempotent)",
         description="Create the publication (outbox table only, inserts and truncates) and the "
-        "pgoutput slot if they are missing. Safe to run any number of times.",
+        "pgoutput slot if they are missing. Safe to run any number of times. A slot it creates "
+        "is recorded in the publication's comment, so `run` (even with create_slot) refuses to "
+        "replace it if it is ever lost; running init is how an operator re-creates a lost slot "
+        "deliberately, after reconciling from the outbox table.",
     )
     p.add_argument(
         "--create-outbox",

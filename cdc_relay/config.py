@@ -349,13 +349,21 @@ def _named(exc: msgspec.ValidationError) -> ConfigError:
     return ConfigError(key, f"{problem} (from {env_name(key)} or the config file)")
 
 
-_URL_PW = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)@")
-_KV_PW = re.compile(r"(?P<key>password\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# ``scheme://user:password@host``: the user ends at the first ':' and the password runs, greedily,
+# to the *last* '@' before the next whitespace, as ``urlparse`` (and so pika) splits the userinfo
+# (``rpartition('@')``). Passwords with unencoded '@', ':' or '/' are hidden whole; an '@' later
+# in the path or query hides more than needed, never less. Whitespace ends a URL.
+_URL_PW = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:\s]*:)(?P<pw>\S*)@")
+# ``password=...`` and ``sslpassword=...`` (no word boundary on purpose), bare or libpq-quoted;
+# whatever sticks to a closing quote, and an unterminated quote to the end, is hidden too.
+_KV_PW = re.compile(
+    r"(?P<key>password\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*(?:'\S*|\\?\Z)|\S+)", re.IGNORECASE
+)
 
 
 def redact(text: str) -> str:
     """Hide passwords in URLs and key=value DSNs so errors can be logged safely."""
-    text = _URL_PW.sub(lambda m: m.group("scheme") + "***@", text)
+    text = _URL_PW.sub(lambda m: m.group("head") + "***@", text)
     return _KV_PW.sub(lambda m: m.group("key") + "***", text)
 
 

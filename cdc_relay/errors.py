@@ -9,6 +9,8 @@ their text goes straight into logs.
 
 from __future__ import annotations
 
+from typing import Any
+
 POSTGRES = "postgres"
 RABBITMQ = "rabbitmq"
 
@@ -19,7 +21,7 @@ class RelayError(Exception):
     retryable: bool = False
     side: str | None = None
 
-    def __init__(self, message: str, *, side: str | None = None, **context: object) -> None:
+    def __init__(self, message: str, *, side: str | None = None, **context: Any) -> None:
         self.message = message
         if side is not None:
             self.side = side
@@ -91,7 +93,7 @@ class InvalidEvent(OutboxError):
         lsn: object = None,
         relation: str | None = None,
         row: dict[str, bytes | None] | None = None,
-        **context: object,
+        **context: Any,
     ) -> None:
         self.problem = problem
         self.column = column
@@ -127,7 +129,7 @@ class SlotBusy(ConnectionLost):
 
     side = POSTGRES
 
-    def __init__(self, message: str, *, holder_pid: int | None = None, **context: object) -> None:
+    def __init__(self, message: str, *, holder_pid: int | None = None, **context: Any) -> None:
         self.holder_pid = holder_pid
         super().__init__(message, **context)
 

@@ -30,7 +30,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class HealthServer:
-    """Liveness: the loop ticks and something (data, keepalive, ack) happened recently.
+    """Liveness: the loop ticks, and it is not stuck in a retry loop that never moves the slot.
     Readiness: both connections are up and the slot is streaming."""
 
     def __init__(self, address: str, stats: Stats, metrics: Metrics, timeout: float) -> None:
@@ -71,10 +71,14 @@ class HealthServer:
         s = self._stats
         tick_age = now - s.last_loop_tick
         progress_age = now - s.last_progress
-        ok = tick_age < self._timeout and progress_age < self._timeout
+        # a connected relay that waits (broker alarm, idle database) is alive; one that keeps
+        # failing and retrying without moving the slot is not, however busy its retries look
+        retrying = s.consecutive_failures > 0
+        ok = tick_age < self._timeout and not (retrying and progress_age >= self._timeout)
         return ok, {
             "loop_tick_age_s": round(tick_age, 3),
             "progress_age_s": round(progress_age, 3),
+            "consecutive_failures": s.consecutive_failures,
             "timeout_s": self._timeout,
         }
 

@@ -2,6 +2,11 @@
 
 Context such as slot, LSN and event id travels as ``extra={...}`` so log pipelines can index it;
 payloads and credentials are never passed to the logger in the first place.
+
+A record with ``exc_info`` (``log.exception``) carries ``error_type`` and ``traceback``: the
+formatted stack, chained causes included. Frames show file, line, function and source line,
+never local variables, so no row data gets in; the text is still passed through ``redact`` in
+case an exception message echoes a connection string.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any
+
+from cdc_relay.config import redact
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -26,9 +34,17 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     for key, value in record.__dict__.items():
         if key not in _STANDARD and not key.startswith("_"):
             out[key] = value if isinstance(value, int | float | bool | None) else str(value)
-    if record.exc_info and record.exc_info[0] is not None:
-        out["error_type"] = record.exc_info[0].__name__
+    if record.exc_info and record.exc_info[1] is not None:
+        out["error_type"] = type(record.exc_info[1]).__name__
+        out["traceback"] = _traceback(record.exc_info[1])
+    if record.stack_info:
+        out["stack"] = redact(record.stack_info)
     return out
+
+
+def _traceback(exc: BaseException) -> str:
+    """``Traceback (most recent call last): ...`` as Python prints it, without the last newline."""
+    return redact("".join(traceback.format_exception(exc)).rstrip("\n"))
 
 
 class JsonFormatter(logging.Formatter):

@@ -9,6 +9,15 @@ needs it, before anything of that INSERT is published.
 
 Events may also be written without a table, as transactional logical decoding messages
 (``pg_logical_emit_message(true, 'outbox', '{...}')``): same envelope, no table bloat.
+
+Two kinds of failure, kept apart on purpose:
+
+* the *table* cannot produce events (a required column missing, an INSERT for a relation the
+  server never described): ``OutboxError``. Every row would fail the same way; the operator
+  fixes the table or the configuration.
+* one *row* cannot (NULL id, text that is not UTF-8, unchanged TOAST, payload that is not JSON,
+  ...): ``InvalidEvent`` carrying every column of that INSERT as raw bytes, so
+  ``invalid_event_policy = dead_letter`` can hand the row, whole, to someone who can repair it.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from cdc_relay.errors import OutboxError
+from cdc_relay.errors import InvalidEvent, OutboxError
 from cdc_relay.lsn import Lsn
 from cdc_relay.pgoutput import Binary, ColumnValue, Insert, Message, Relation, UnchangedToast
 
@@ -63,6 +72,10 @@ class OutboxColumns:
     REQUIRED = ("id", "aggregate_type", "aggregate_id", "type", "payload")
     OPTIONAL = ("headers", "traceparent", "created_at")
 
+    def names(self, field: str) -> tuple[str, ...]:
+        """Every name configured for ``field`` (an ``OutboxEvent`` field name), first preferred."""
+        return _names(getattr(self, field))
+
 
 PAYLOAD_JSON = 0  # json/jsonb: embed as-is
 PAYLOAD_TEXT = 1  # text-like: check it is JSON, then embed
@@ -74,6 +87,7 @@ class _Layout:
     """Positions of the outbox columns in one Relation's tuples (-1: column absent)."""
 
     table: str
+    names: tuple[str, ...]  # every column of the Relation, for the raw row of an InvalidEvent
     id: int
     aggregate_type: int
     aggregate_id: int
@@ -106,7 +120,23 @@ class _MessageEvent(msgspec.Struct, frozen=True):
 
 
 _message_decoder = msgspec.json.Decoder(_MessageEvent)
-_json_check = msgspec.json.Decoder()
+# Syntax only: nothing is materialised, and numbers jsonb accepts (1e400, 40-digit integers)
+# are not rejected for not fitting a Python float.
+_json_check = msgspec.json.Decoder(msgspec.Raw)
+
+
+class _BadValue(Exception):
+    """A row-level problem found by the column helpers; ``event`` adds the row's context.
+
+    Raised instead of ``InvalidEvent`` so the per-column helpers need no context arguments on
+    the hot path: the full error (relation, LSN, event id, the raw row) is built only when
+    something is wrong.
+    """
+
+    def __init__(self, problem: str, pos: int) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.pos = pos
 
 
 class OutboxMapper:
@@ -126,6 +156,11 @@ class OutboxMapper:
         self._relations: dict[int, Relation] = {}
         self._layouts: dict[int, _Layout | _MissingColumn] = {}
 
+    @property
+    def prefix(self) -> str:
+        """The logical-message prefix whose messages are outbox events."""
+        return self._prefix
+
     def relation(self, rel: Relation) -> None:
         """Apply a Relation message; it replaces any earlier one for the same OID."""
         self._relations[rel.oid] = rel
@@ -144,7 +179,11 @@ class OutboxMapper:
         return oid in self._layouts
 
     def event(self, insert: Insert, lsn: Lsn) -> OutboxEvent | None:
-        """The event an INSERT stands for, or None when it is not into an outbox table."""
+        """The event an INSERT stands for, or None when it is not into an outbox table.
+
+        A row that cannot be an event raises ``InvalidEvent`` (with the raw row); a table that
+        cannot produce events raises ``OutboxError``.
+        """
         layout = self._layouts.get(insert.relation_oid)
         if layout is None:
             if insert.relation_oid not in self._relations:
@@ -164,43 +203,53 @@ class OutboxMapper:
                 lsn=lsn,
             )
         row = insert.new
-        rel = layout.table
-        c = self._columns
-        event_id = _required(row, layout.id, c.id, rel, lsn, None)
-        payload = _value(row, layout.payload, c.payload, rel, lsn, event_id)
-        if payload is not None and layout.payload_kind != PAYLOAD_JSON:
-            payload = _json_payload(payload, layout.payload_kind, c.payload, rel, lsn, event_id)
-        return OutboxEvent(
-            id=event_id,
-            aggregate_type=_required(
-                row, layout.aggregate_type, c.aggregate_type, rel, lsn, event_id
-            ),
-            aggregate_id=_required(row, layout.aggregate_id, c.aggregate_id, rel, lsn, event_id),
-            type=_required(row, layout.type, c.type, rel, lsn, event_id),
-            payload=payload,
-            headers=_value(row, layout.headers, c.headers, rel, lsn, event_id),
-            traceparent=_optional_text(row, layout.traceparent, c.traceparent, rel, lsn, event_id),
-            created_at=_optional_text(row, layout.created_at, c.created_at, rel, lsn, event_id),
-            lsn=lsn,
-            table=rel,
-        )
+        event_id: str | None = None
+        try:
+            event_id = _required(row, layout.id)
+            payload = _value(row, layout.payload)
+            if payload is not None and layout.payload_kind != PAYLOAD_JSON:
+                payload = _json_payload(payload, layout.payload_kind, layout.payload)
+            return OutboxEvent(
+                id=event_id,
+                aggregate_type=_required(row, layout.aggregate_type),
+                aggregate_id=_required(row, layout.aggregate_id),
+                type=_required(row, layout.type),
+                payload=payload,
+                headers=_value(row, layout.headers),
+                traceparent=_optional_text(row, layout.traceparent),
+                created_at=_optional_text(row, layout.created_at),
+                lsn=lsn,
+                table=layout.table,
+            )
+        except _BadValue as bad:
+            raise InvalidEvent(
+                bad.problem,
+                column=layout.names[bad.pos],
+                event_id=event_id,
+                lsn=lsn,
+                relation=layout.table,
+                row=_raw_row(layout.names, row),
+            ) from None
 
     def message_event(self, msg: Message) -> OutboxEvent | None:
         """The event a logical decoding message stands for; None if it is not one of ours.
 
         Non-transactional messages are ignored: they are not tied to a commit, so publishing
-        them would break the promise that only committed events go out.
+        them would break the promise that only committed events go out. Content with our prefix
+        that is not an outbox event object raises ``InvalidEvent`` with the raw content.
         """
         if not msg.transactional or msg.prefix != self._prefix:
             return None
+        content = msg.content
         try:
-            m = _message_decoder.decode(msg.content)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise OutboxError(
-                f"logical message with prefix {msg.prefix!r} is not an outbox event object "
-                f"({_short(exc)})",
-                lsn=msg.lsn,
-            ) from None
+            if not content.isascii():
+                # msgspec checks the UTF-8 of the fields it decodes, not of the Raw payload
+                content.decode()
+            m = _message_decoder.decode(content)
+        except UnicodeDecodeError as exc:
+            raise self._invalid_message(msg, f"not valid UTF-8 (byte {exc.start})") from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise self._invalid_message(msg, _short(exc)) from None
         headers: bytes | None = bytes(m.headers)
         if headers == b"null":
             headers = None
@@ -217,18 +266,30 @@ class OutboxMapper:
             table="",
         )
 
+    @staticmethod
+    def _invalid_message(msg: Message, reason: str) -> InvalidEvent:
+        return InvalidEvent(
+            f"logical message with prefix {msg.prefix!r} is not an outbox event object ({reason})",
+            column="content",
+            lsn=msg.lsn,
+            row={"content": bytes(msg.content), "prefix": msg.prefix.encode()},
+        )
+
     def _layout(self, rel: Relation) -> _Layout | _MissingColumn:
         index = {col.name: i for i, col in enumerate(rel.columns)}
         c = self._columns
         name = f"{rel.namespace}.{rel.name}"
         pos: dict[str, int] = {}
         for key in (*OutboxColumns.REQUIRED, *OutboxColumns.OPTIONAL):
-            names = _names(getattr(c, key))
+            names = c.names(key)
             pos[key] = next((index[n] for n in names if n in index), -1)
             if pos[key] < 0 and key in OutboxColumns.REQUIRED:
                 # kept, not raised: the relay must fail at the first INSERT that needs it,
                 # with that INSERT's LSN, not at a schema change nobody publishes through
                 return _MissingColumn(relation=name, column=names[0])
+        # Domain types: a Relation carries the domain's OID, not its base type's, so a payload
+        # column typed as a domain over jsonb lands on the text path below. That is still
+        # correct (the text is JSON and gets checked), only slower than passing it through.
         payload_type = rel.columns[pos["payload"]].type_oid
         kind = (
             PAYLOAD_JSON
@@ -239,6 +300,7 @@ class OutboxMapper:
         )
         return _Layout(
             table=name,
+            names=tuple(col.name for col in rel.columns),
             id=pos["id"],
             aggregate_type=pos["aggregate_type"],
             aggregate_id=pos["aggregate_id"],
@@ -251,108 +313,75 @@ class OutboxMapper:
         )
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: BaseException) -> str:
     return str(exc).split("\n")[0][:120]
 
 
-def _error(
-    problem: str, column: str | tuple[str, ...], rel: str, lsn: Lsn, event_id: str | None
-) -> OutboxError:
-    """Every row-level error names the relation, column, LSN and (when known) the event."""
-    return OutboxError(problem, relation=rel, column=_names(column)[0], lsn=lsn, event_id=event_id)
+def _raw_row(names: tuple[str, ...], row: tuple[ColumnValue, ...]) -> dict[str, bytes | None]:
+    """Every column of an INSERT by name, as PostgreSQL sent it (TOAST/binary markers: None)."""
+    return {name: _raw(row[i]) if i < len(row) else None for i, name in enumerate(names)}
 
 
-def _value(
-    row: tuple[ColumnValue, ...],
-    pos: int,
-    column: str | tuple[str, ...],
-    rel: str,
-    lsn: Lsn,
-    event_id: str | None,
-) -> bytes | None:
+def _raw(value: ColumnValue) -> bytes | None:
+    return bytes(value) if isinstance(value, bytes) else None
+
+
+def _value(row: tuple[ColumnValue, ...], pos: int) -> bytes | None:
     if pos < 0:
         return None
     if pos >= len(row):
-        raise _error("INSERT carries fewer columns than the table", column, rel, lsn, event_id)
+        raise _BadValue("INSERT carries fewer columns than the table", pos)
     value = row[pos]
     if value is None or type(value) is bytes:
         return value
     if isinstance(value, UnchangedToast):
-        raise _error(
-            "column arrived as unchanged TOAST, its value is unknown", column, rel, lsn, event_id
-        )
+        raise _BadValue("column arrived as unchanged TOAST, its value is unknown", pos)
     if isinstance(value, Binary):
-        raise _error(
-            "column arrived in binary format, which the relay does not request",
-            column,
-            rel,
-            lsn,
-            event_id,
-        )
+        raise _BadValue("column arrived in binary format, which the relay does not request", pos)
     return bytes(value)
 
 
-def _text(
-    value: bytes, column: str | tuple[str, ...], rel: str, lsn: Lsn, event_id: str | None
-) -> str:
+def _text(value: bytes, pos: int) -> str:
     try:
         return value.decode()
     except UnicodeDecodeError:
-        raise _error("column is not valid UTF-8", column, rel, lsn, event_id) from None
+        raise _BadValue("column is not valid UTF-8", pos) from None
 
 
-def _required(
-    row: tuple[ColumnValue, ...],
-    pos: int,
-    column: str | tuple[str, ...],
-    rel: str,
-    lsn: Lsn,
-    event_id: str | None,
-) -> str:
-    value = _value(row, pos, column, rel, lsn, event_id)
+def _required(row: tuple[ColumnValue, ...], pos: int) -> str:
+    value = _value(row, pos)
     if value is None:
-        raise _error("required column is NULL", column, rel, lsn, event_id)
-    return _text(value, column, rel, lsn, event_id)
+        raise _BadValue("required column is NULL", pos)
+    return _text(value, pos)
 
 
-def _optional_text(
-    row: tuple[ColumnValue, ...],
-    pos: int,
-    column: str | tuple[str, ...],
-    rel: str,
-    lsn: Lsn,
-    event_id: str | None,
-) -> str | None:
-    value = _value(row, pos, column, rel, lsn, event_id)
-    return None if value is None else _text(value, column, rel, lsn, event_id)
+def _optional_text(row: tuple[ColumnValue, ...], pos: int) -> str | None:
+    value = _value(row, pos)
+    return None if value is None else _text(value, pos)
 
 
-def _json_payload(
-    value: bytes,
-    kind: int,
-    column: str | tuple[str, ...],
-    rel: str,
-    lsn: Lsn,
-    event_id: str,
-) -> bytes:
-    """A payload column that is not json/jsonb: bytea (hex text output) or text holding JSON."""
+def _json_payload(value: bytes, kind: int, pos: int) -> bytes:
+    """A payload column that is not json/jsonb: bytea (hex text output) or text holding JSON.
+
+    Checked for syntax (and UTF-8) only, without building objects: O(1) memory, and every
+    number jsonb accepts passes.
+    """
     if kind == PAYLOAD_BYTEA:
         if not value.startswith(b"\\x"):
-            raise _error(
-                "bytea payload is not in hex output format (set bytea_output = 'hex')",
-                column,
-                rel,
-                lsn,
-                event_id,
+            raise _BadValue(
+                "bytea payload is not in hex output format: the relay sets bytea_output = "
+                "'hex' on its sessions, so something (a role or database setting applied "
+                "later, a proxy) overrides it",
+                pos,
             )
         try:
             value = bytes.fromhex(value[2:].decode("ascii"))
         except ValueError:
-            raise _error("bytea payload is not valid hex", column, rel, lsn, event_id) from None
+            raise _BadValue("bytea payload is not valid hex", pos) from None
     try:
+        if not value.isascii():
+            value.decode()
         _json_check.decode(value)
-    except msgspec.DecodeError:
-        raise _error(
-            "payload column does not hold valid JSON", column, rel, lsn, event_id
-        ) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        raise _BadValue("payload column does not hold valid JSON in UTF-8", pos) from None
     return value

@@ -5,12 +5,21 @@ SelectConnection is the adapter measured to reach the broker's ceiling with pipe
 lets the replication socket share the same loop: one thread, no queue, no lock. Everything the
 broker says (ack, nack, return, close, blocked) is turned into a callback on the owner; this
 module never decides whether an event is safe — the checkpoint tracker does.
+
+It does classify what the broker says, because only here are the reply codes known: a close the
+same bytes would cause again (access refused, a declaration that conflicts with what exists, a
+message refused for its content, a frame the broker could not parse) is ``BrokerRefused`` and
+halts the relay with one line saying what to change; anything else (a deleted exchange, a lost
+connection, a nack) is retryable. Reply codes decide first; the little text parsing RabbitMQ's
+reply texts need (which object, which argument) lives in ``parse_reply_text``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -19,17 +28,18 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from cdc_relay.amqp import encode_properties, encode_publish, string_headers
+from cdc_relay.amqp import publish_frames
 from cdc_relay.config import redact
 from cdc_relay.errors import (
+    RABBITMQ,
     AuthenticationFailed,
     BrokerRefused,
     ConnectionLost,
-    Nacked,
     PublishFailed,
     RelayError,
+    Returned,
 )
-from cdc_relay.messages import APP_ID, CONTENT_TYPE, OutgoingMessage
+from cdc_relay.messages import OutgoingMessage
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +47,50 @@ OnConfirm = Callable[[int, bool, bool], None]  # (delivery_tag, multiple, ack)
 OnFailure = Callable[[RelayError], None]
 
 
-class _EncodedProperties(BasicProperties):  # type: ignore[misc]  # pika is untyped
-    """Properties already encoded by ``cdc_relay.amqp``: pika only asks them to ``encode``."""
+# Connection closes that mean "the broker could not parse what you sent": resending the same
+# frames gets the same answer (501 FRAME_ERROR, 502 SYNTAX_ERROR, 505 UNEXPECTED_FRAME).
+_FRAMING_CODES = frozenset((501, 502, 505))
 
-    def __init__(self, encoded: bytes) -> None:
-        # no super().__init__(): pika reads publish properties only through encode(), and
-        # setting its fourteen attributes per event would cost more than the encoding
-        self._encoded = encoded
 
-    def encode(self) -> list[bytes]:
-        return [self._encoded]
+@dataclass(frozen=True, slots=True)
+class ReplyText:
+    """What a RabbitMQ reply text names; None where it does not say."""
+
+    kind: str | None = None  # "exchange" or "queue"
+    name: str | None = None
+    argument: str | None = None  # the argument of an "inequivalent arg" refusal
+    too_large: bool = False  # a message over the broker's max_message_size
+
+
+# RabbitMQ formats names unescaped as 'name' followed by " in vhost"
+_OBJECT = re.compile(r"\b(exchange|queue) '(.*?)' in vhost")
+_ARGUMENT = re.compile(r"inequivalent arg '(.*?)' for ")
+
+
+def parse_reply_text(text: str) -> ReplyText:
+    """The object, argument and size refusal a RabbitMQ reply text names (the only text parsing
+    the relay does on broker replies: codes decide, this only fills in names for the message)."""
+    obj = _OBJECT.search(text)
+    arg = _ARGUMENT.search(text)
+    return ReplyText(
+        kind=obj.group(1) if obj else None,
+        name=obj.group(2) if obj else None,
+        argument=arg.group(1) if arg else None,
+        too_large="max size" in text,
+    )
+
+
+def connection_failure(reason: BaseException | str) -> RelayError:
+    """What a closed connection means: a frame the broker refused (halt), or a lost link."""
+    if isinstance(reason, pika.exceptions.ConnectionClosedByBroker):
+        code = int(reason.reply_code)
+        if code in _FRAMING_CODES:
+            return BrokerRefused(
+                f"RabbitMQ closed the connection over a frame it could not accept ({code} "
+                f"{reason.reply_text}): resending it would be refused again; the slot has not "
+                "moved past the event"
+            )
+    return ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}", side=RABBITMQ)
 
 
 class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped
@@ -59,7 +103,7 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is 
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_due = False
         super().__init__(*args, **kwargs)
 
@@ -68,9 +112,16 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is 
         """The negotiated frame size (pika stores the tuned value in its parameters)."""
         return int(self.params.frame_max)
 
-    def emit_frames(self, data: bytes) -> None:
-        """Queue already-encoded frames behind everything pika has queued so far."""
-        self._adapter_emit_data(data)
+    def emit_frames(self, parts: list[bytes | memoryview]) -> None:
+        """Queue already-encoded frame parts behind everything pika has queued so far.
+
+        Parts are kept as they are (a large body is a part, or memoryview slices of it) and
+        joined once per loop turn, so a body is copied once on its way to the socket.
+        """
+        self._out += parts
+        if not self._out_due:
+            self._out_due = True
+            self.ioloop.call_later(0, self._flush_out)
 
     def _adapter_emit_data(self, data: bytes) -> None:
         self._out.append(data)
@@ -126,6 +177,9 @@ class Publisher:
         # exchanges found to exist without our alternate exchange: used as they are
         self._without_alternate: set[str] = set()
         self._inspector: Channel | None = None
+        self._inspector_report: Callable[[str, int], None] | None = None
+        self._step: tuple[str, dict[str, Any]] | None = None  # the declaration under way
+        self._last_exchange = ""  # where the newest message went, to name it in a refusal
         self._ioloop = ioloop
         self._on_ready = on_ready
         self._on_confirm = on_confirm
@@ -165,53 +219,42 @@ class Publisher:
         return self._connection is None or self._connection.is_closed
 
     # -- publishing ---------------------------------------------------------------------------
-    def publish(self, msg: OutgoingMessage) -> None:
-        """Queue one persistent, mandatory message; its confirm arrives via ``on_confirm``."""
-        channel = self._channel
-        if channel is None or not self.ready:
-            raise PublishFailed("broker channel is not open", event_id=msg.message_id)
-        props: BasicProperties
+    @property
+    def frame_max(self) -> int:
+        """The negotiated frame size (meaningful once ready): the builder's limit for headers."""
         connection = self._connection
-        if string_headers(msg.headers) and connection is not None:
-            # the common case, framed here and handed to the same ordered write buffer pika
-            # uses (pika's per-frame objects cost more than the rest of the event's path)
-            connection.emit_frames(
-                encode_publish(
-                    channel.channel_number,
-                    msg.exchange,
-                    msg.routing_key,
-                    True,
-                    encode_properties(
-                        CONTENT_TYPE,
-                        msg.headers,
-                        2,
-                        msg.message_id,
-                        msg.timestamp,
-                        msg.type,
-                        APP_ID,
-                    ),
-                    msg.body,
-                    connection.frame_max,
-                )
+        return connection.frame_max if connection is not None else int(self._params.frame_max)
+
+    def publish(self, msg: OutgoingMessage) -> None:
+        """Queue one persistent, mandatory message; its confirm arrives via ``on_confirm``.
+
+        ``msg.properties`` was encoded and checked against ``frame_max`` by the builder, so
+        framing cannot fail here: the only refusal is a channel that is not open.
+        """
+        channel = self._channel
+        connection = self._connection
+        if channel is None or connection is None or not self.ready:
+            raise PublishFailed("broker channel is not open", event_id=msg.message_id)
+        self._last_exchange = msg.exchange
+        # framed here and handed to the same ordered write buffer pika uses (pika's per-frame
+        # objects cost more than the rest of the event's path)
+        connection.emit_frames(
+            publish_frames(
+                channel.channel_number,
+                msg.exchange,
+                msg.routing_key,
+                True,
+                msg.properties,
+                msg.body,
+                connection.frame_max,
             )
-            return
-        else:
-            props = BasicProperties(
-                content_type=CONTENT_TYPE,
-                delivery_mode=2,
-                message_id=msg.message_id,
-                type=msg.type,
-                timestamp=msg.timestamp,
-                app_id=APP_ID,
-                headers=msg.headers,
-            )
-        channel.basic_publish(msg.exchange, msg.routing_key, msg.body, props, mandatory=True)
+        )
 
     # -- pika callbacks -----------------------------------------------------------------------
     def _on_connection_open(self, connection: Any) -> None:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        connection.channel(on_open_callback=self._on_channel_open)
+        self._channel = connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, _connection: Any, error: BaseException | str) -> None:
         text = redact(str(error) or type(error).__name__)
@@ -221,16 +264,18 @@ class Publisher:
             | pika.exceptions.AuthenticationError
             | pika.exceptions.ProbableAccessDeniedError,
         ):
-            self._on_failure(AuthenticationFailed(f"RabbitMQ refused the credentials: {text}"))
+            self._on_failure(
+                AuthenticationFailed(f"RabbitMQ refused the credentials: {text}", side=RABBITMQ)
+            )
         else:
-            self._on_failure(ConnectionLost(f"cannot connect to RabbitMQ: {text}"))
+            self._on_failure(ConnectionLost(f"cannot connect to RabbitMQ: {text}", side=RABBITMQ))
         self._on_closed()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self.ready = False
         self._channel = None
         if not self._closing:
-            self._on_failure(ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}"))
+            self._on_failure(connection_failure(reason))
         self._on_closed()
 
     def _on_channel_open(self, channel: Channel) -> None:
@@ -273,33 +318,63 @@ class Publisher:
 
     def _run_steps(self, steps: list[tuple[str, dict[str, Any]]]) -> None:
         if not steps:
+            self._step = None
             self._set_ready()
             return
         channel = self._channel
         if channel is None:
             return
+        self._step = steps[0]
         method, kwargs = steps[0]
         getattr(channel, method)(callback=lambda _frame: self._run_steps(steps[1:]), **kwargs)
 
     def _set_ready(self) -> None:
         self.ready = True
         self._on_ready()
-        if self._alternate and self._connection is not None:
-            self._connection.channel(on_open_callback=self._on_inspector_open)
+        self._open_inspector()
+
+    # -- the inspector channel ----------------------------------------------------------------
+    def _open_inspector(self) -> None:
+        """Open the channel ``count_unroutable`` asks on; reopened on demand after it closes."""
+        connection = self._connection
+        if not self._alternate or connection is None or not connection.is_open:
+            return
+        channel = connection.channel(on_open_callback=self._on_inspector_open)
+        channel.add_on_close_callback(self._on_inspector_closed)
+        self._inspector = channel
 
     def _on_inspector_open(self, channel: Channel) -> None:
-        self._inspector = channel
-        channel.add_on_close_callback(self._on_channel_closed)
+        report, self._inspector_report = self._inspector_report, None
+        if report is not None and channel is self._inspector:
+            self._query_unroutable(channel, report)
+
+    def _on_inspector_closed(self, channel: Channel, _reason: BaseException) -> None:
+        # e.g. a passive declare of an .unroutable queue someone deleted; the next
+        # count_unroutable opens a new one instead of the metric freezing for the session
+        if channel is self._inspector:
+            self._inspector = None
+            self._inspector_report = None
 
     def count_unroutable(self, report: Callable[[str, int], None]) -> None:
         """Ask the broker how many events wait in each ``<exchange>.unroutable`` queue.
 
         A separate channel: a passive declare of a queue someone deleted closes its channel,
-        which must not take the publishing channel with it.
+        which must not take the publishing channel with it. A closed inspector channel is
+        reopened here, and asked as soon as it is open.
         """
-        channel = self._inspector
-        if channel is None or not channel.is_open:
+        if not self.ready:
             return
+        channel = self._inspector
+        if channel is None:
+            self._inspector_report = report
+            self._open_inspector()
+            return
+        if channel.is_open:
+            self._query_unroutable(channel, report)
+        else:  # still opening: ask once it is
+            self._inspector_report = report
+
+    def _query_unroutable(self, channel: Channel, report: Callable[[str, int], None]) -> None:
         for ex in self._exchanges:
             if ex in self._without_alternate:
                 continue
@@ -310,52 +385,99 @@ class Publisher:
                 callback=lambda frame, q=queue: report(q, int(frame.method.message_count)),
             )
 
+    # -- closes and refusals ------------------------------------------------------------------
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
-        if channel is self._inspector:
-            self._inspector = None
-            return
+        if channel is not self._channel:
+            return  # a channel replaced earlier (after the alternate-exchange retry)
         was_ready = self.ready
         self.ready = False
         self._channel = None
         if self._closing:
             return
-        code = getattr(reason, "reply_code", 0)
-        text = str(getattr(reason, "reply_text", reason))
-        if not was_ready and code == 406 and "alternate-exchange" in text:
-            # the exchange exists without our alternate exchange: use it as it is; unroutable
-            # events then come back as mandatory returns and make the relay retry
-            name = next((ex for ex in self._exchanges if f"'{ex}'" in text), None)
-            if name is not None and name not in self._without_alternate:
-                self._without_alternate.add(name)
-                log.warning(
-                    "exchange exists without an alternate exchange; unroutable events will "
-                    "be retried, not kept",
-                    extra={"exchange": name},
-                )
-                if self._connection is not None and self._connection.is_open:
-                    self._connection.channel(on_open_callback=self._on_channel_open)
-                    return
-        if not was_ready and code == 404 and self._dead_letter and self._dead_letter in text:
-            self._on_failure(
-                BrokerRefused(
-                    f"dead_letter_exchange {self._dead_letter!r} does not exist: declare it "
-                    "(and bind a queue) or unset dead_letter_exchange"
-                )
-            )
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            # the connection under the channel went away: classified like the connection
+            self._on_failure(connection_failure(reason))
             return
-        if code == 406 and "max size" in text:
-            self._on_failure(
-                BrokerRefused(
-                    f"broker refused a message as too large ({text}): set max_message_size to "
-                    "the broker's limit so such events go to dead_letter_exchange, or raise "
-                    "the broker's max_message_size"
-                )
-            )
+        code = int(reason.reply_code)
+        text = str(reason.reply_text)
+        if not was_ready and code == 406 and self._use_without_alternate(text):
             return
-        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            self._on_failure(PublishFailed(f"broker closed the channel: {reason}"))
-        else:  # the connection under the channel went away (heartbeat timeout, socket error)
-            self._on_failure(ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}"))
+        self._on_failure(self._refusal(code, text, was_ready))
+
+    def _use_without_alternate(self, text: str) -> bool:
+        """The exchange exists without our alternate exchange: use it as it is (unroutable
+        events then come back as mandatory returns and make the relay retry)."""
+        if "alternate-exchange" not in text:
+            return False
+        name = next((ex for ex in self._exchanges if f"'{ex}'" in text), None)
+        if name is None or name in self._without_alternate:
+            return False
+        self._without_alternate.add(name)
+        log.warning(
+            "exchange exists without an alternate exchange; unroutable events will "
+            "be retried, not kept",
+            extra={"exchange": name},
+        )
+        if self._connection is None or not self._connection.is_open:
+            return False
+        channel = self._connection.channel(on_open_callback=self._on_channel_open)
+        self._channel = channel
+        return True
+
+    def _refusal(self, code: int, text: str, was_ready: bool) -> RelayError:
+        """What a channel closed by the broker means, decided by reply code first."""
+        said = parse_reply_text(text)
+        if code == 404 and not was_ready and self._dead_letter and said.name == self._dead_letter:
+            return BrokerRefused(
+                f"dead_letter_exchange {self._dead_letter!r} does not exist: declare it "
+                "(and bind a queue) or unset dead_letter_exchange"
+            )
+        if code == 403:
+            what = (
+                f"{said.kind} {said.name!r}"
+                if said.name is not None
+                else f"exchange {self._last_exchange!r}"
+            )
+            return BrokerRefused(
+                f"RabbitMQ refused access to {what}: grant the relay's user "
+                f"{self._permission(said, was_ready)} permission on it in this vhost ({text})"
+            )
+        if code == 406 and said.too_large:
+            return BrokerRefused(
+                f"broker refused a message as too large ({text}): set max_message_size to "
+                "the broker's limit so such events go to dead_letter_exchange, or raise "
+                "the broker's max_message_size"
+            )
+        if code == 406 and not was_ready:
+            what = f"{said.kind or 'object'} {said.name!r}" if said.name else "the topology"
+            if said.argument is not None:
+                return BrokerRefused(
+                    f"{what} already exists with a different {said.argument!r} than the relay "
+                    f"declares ({text}): make the configuration match it (exchange_type, "
+                    "alternate_exchange) or delete and let the relay declare it"
+                )
+            return BrokerRefused(f"RabbitMQ refused to declare {what}: {text}")
+        if code == 406:
+            return BrokerRefused(
+                f"RabbitMQ refused a message published to exchange {self._last_exchange!r} "
+                f"for its content ({text}); resending it would be refused again"
+            )
+        # 404 while publishing (the exchange was deleted mid-flight) and anything else:
+        # redeclaring on reconnect may help
+        return PublishFailed(f"broker closed the channel: ({code}) {text}")
+
+    def _permission(self, said: ReplyText, was_ready: bool) -> str:
+        """The vhost permission a 403 asks for, from what the relay was doing."""
+        if was_ready or self._step is None:
+            return "write"  # basic.publish needs write on the exchange
+        method, kwargs = self._step
+        if method == "queue_bind":
+            return "write" if said.kind == "queue" else "read"
+        if method == "exchange_declare" and "arguments" in kwargs:
+            if said.name == kwargs["exchange"]:
+                return "configure and read"  # declaring it with an alternate exchange
+            return "write"  # the alternate exchange it names
+        return "configure"
 
     def _on_ack_nack(self, frame: Any) -> None:
         method = frame.method
@@ -368,7 +490,7 @@ class Publisher:
     ) -> None:
         # the body is never logged: payloads may hold personal data
         self._on_failure(
-            Nacked(
+            Returned(
                 f"broker returned an unroutable message ({method.reply_code} {method.reply_text})"
                 f": no queue is bound for routing key {method.routing_key!r}",
                 exchange=method.exchange,

@@ -14,13 +14,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from cdc_relay.messages import TransactionInfo
+    from cdc_relay.outbox import OutboxEvent
+    from cdc_relay.pipeline import Acked, Committed, Finish, Publish, SendStatus
 
 log = logging.getLogger("cdc_relay")
 
@@ -43,13 +49,18 @@ class Stats:
     returned: int = 0
     dead_lettered: int = 0
     ignored_messages: int = 0
+    invalid_events: int = 0
     unroutable: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
+    in_flight_bytes: int = 0
+    failed_sessions: int = 0  # sessions that ended in a failure without moving the slot
+    consecutive_failures: int = 0  # the same, since the last session that made progress
     server_wal_end: int = 0
     confirmed_lsn: int = 0
     oldest_unconfirmed_commit: float | None = None  # unix time of the oldest pending commit
     last_status_update: float = 0.0
-    last_progress: float = field(default_factory=time.time)  # data, keepalive or ack
+    # the confirmed point moved, or the server answered while nothing was owed (idle)
+    last_progress: float = field(default_factory=time.time)
     last_loop_tick: float = field(default_factory=time.time)
     streaming: bool = False
     broker_ready: bool = False
@@ -107,6 +118,17 @@ class _StatsCollector(Collector):
                 "Logical messages that are not outbox events",
                 s.ignored_messages,
             ),
+            (
+                "cdc_relay_events_invalid",
+                "Rows that could not become a message (dead-lettered under "
+                "invalid_event_policy = dead_letter)",
+                s.invalid_events,
+            ),
+            (
+                "cdc_relay_failed_sessions",
+                "Sessions that ended in a failure without moving the slot (a retry loop)",
+                s.failed_sessions,
+            ),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self._slot], value)
@@ -119,6 +141,16 @@ class _StatsCollector(Collector):
         yield reconnects
         gauges: tuple[tuple[str, str, float], ...] = (
             ("cdc_relay_in_flight", "Published, not yet confirmed", s.in_flight),
+            (
+                "cdc_relay_in_flight_bytes",
+                "Body bytes published, not yet confirmed",
+                s.in_flight_bytes,
+            ),
+            (
+                "cdc_relay_consecutive_failures",
+                "Failed sessions in a row without progress (0 while healthy)",
+                s.consecutive_failures,
+            ),
             (
                 "cdc_relay_replication_lag_bytes",
                 "Server WAL end minus confirmed flush LSN",
@@ -154,7 +186,7 @@ class _StatsCollector(Collector):
             "Events waiting in <exchange>.unroutable",
             labels=["slot", "queue"],
         )
-        for queue, n in s.unroutable.items():
+        for queue, n in dict(s.unroutable).items():  # the loop thread may add keys meanwhile
             unroutable.add_metric([self._slot, queue], n)
         yield unroutable
 
@@ -344,3 +376,135 @@ class Telemetry:
             tracing=Tracing(tracing),
             alert=PropagationAlert(stats, alert_threshold, slot),
         )
+
+
+class SessionObserver:
+    """Telemetry of one session, fed the effects its pipeline emits.
+
+    It decides nothing: counters, the latency histograms, the propagation alert and (tracing on)
+    one PRODUCER span per event that gets a confirm event when the broker acks it and ends when
+    the checkpoint covering it is reported to PostgreSQL.
+    """
+
+    def __init__(self, telemetry: Telemetry, slot: str) -> None:
+        self._slot = slot
+        self._stats = telemetry.stats
+        self._metrics = telemetry.metrics
+        self._tracing = telemetry.tracing
+        self._alert = telemetry.alert
+        self.tracing = telemetry.tracing.enabled
+        # (end_lsn, commit unix time) of committed transactions with events, not yet confirmed
+        self._pending_commits: deque[tuple[int, float]] = deque()
+        # (delivery tag, publish time) for every 16th message: confirm latency samples
+        self._latency_samples: deque[tuple[int, float]] = deque()
+        self._new_span: Any = None  # started by trace(), attached to its tag by on_publish
+        self._open_spans: list[Any] = []
+        self._span_txns: deque[tuple[int, list[Any]]] = deque()
+        self._unconfirmed_spans: deque[tuple[int, Any]] = deque()
+
+    def trace(
+        self, event: OutboxEvent, exchange: str, routing_key: str, tx: TransactionInfo
+    ) -> str | None:
+        """Start the event's span; the traceparent it returns travels in the AMQP headers."""
+        span, traceparent = self._tracing.start_publish(
+            exchange,
+            routing_key,
+            event.id,
+            event.traceparent,
+            str(event.lsn),
+            tx.xid,
+            self._slot,
+        )
+        self._new_span = span
+        return traceparent
+
+    def on_publish(self, effect: Publish, in_flight: int, in_flight_bytes: int) -> None:
+        stats = self._stats
+        stats.published += 1
+        stats.in_flight = in_flight
+        stats.in_flight_bytes = in_flight_bytes
+        tag = effect.tag
+        if effect.dead_letter:
+            stats.dead_lettered += 1
+            if effect.message.type == INVALID_EVENT_TYPE:
+                stats.invalid_events += 1
+        if not tag & 15:
+            self._latency_samples.append((tag, time.monotonic()))
+        span = self._new_span
+        if span is not None:
+            self._new_span = None
+            self._open_spans.append(span)
+            self._unconfirmed_spans.append((tag, span))
+
+    def on_committed(self, effect: Committed) -> None:
+        self._pending_commits.append((effect.end_lsn, effect.committed_at))
+        if self._stats.oldest_unconfirmed_commit is None:
+            self._stats.oldest_unconfirmed_commit = self._pending_commits[0][1]
+        if self._open_spans:
+            self._span_txns.append((effect.end_lsn, self._open_spans))
+            self._open_spans = []
+
+    def on_acked(self, effect: Acked, in_flight: int, in_flight_bytes: int) -> None:
+        stats = self._stats
+        stats.confirmed += effect.count
+        stats.in_flight = in_flight
+        stats.in_flight_bytes = in_flight_bytes
+        through = effect.acked_through
+        samples = self._latency_samples
+        if samples and samples[0][0] <= through:
+            sent = 0.0
+            while samples and samples[0][0] <= through:
+                sent = samples.popleft()[1]
+            self._metrics.confirm_latency.observe(time.monotonic() - sent)
+        spans = self._unconfirmed_spans
+        while spans and spans[0][0] <= through:
+            spans.popleft()[1].add_event(EVENT_CONFIRM)
+        pending = self._pending_commits
+        confirmed = effect.confirmed
+        if pending and pending[0][0] <= confirmed:
+            now = time.time()
+            histogram = self._metrics.commit_to_confirm
+            latency = 0.0
+            while pending and pending[0][0] <= confirmed:
+                latency = now - pending.popleft()[1]
+                histogram.observe(latency)
+            stats.oldest_unconfirmed_commit = pending[0][1] if pending else None
+            self._alert.check(latency)
+
+    def on_progress(self) -> None:
+        self._stats.last_progress = time.time()
+
+    def on_status(self, effect: SendStatus) -> None:
+        stats = self._stats
+        stats.last_status_update = time.time()
+        stats.confirmed_lsn = effect.flush
+        txns = self._span_txns
+        while txns and txns[0][0] <= effect.flush:
+            for span in txns.popleft()[1]:
+                span.add_event(EVENT_FLUSH, {"cdc_relay.flush_lsn": str(effect.flush)})
+                span.end()
+
+    def on_finish(self, effect: Finish) -> None:
+        """Spans not covered by the final status end unflushed: they will be sent again."""
+        if effect.final_flush is not None:
+            self._stats.confirmed_lsn = effect.final_flush
+            txns = self._span_txns
+            while txns and txns[0][0] <= effect.final_flush:
+                for span in txns.popleft()[1]:
+                    span.end()
+        for span in self._open_spans + [s for _, spans in self._span_txns for s in spans]:
+            span.set_attribute("cdc_relay.flushed", False)
+            span.end()
+        self._open_spans = []
+        self._span_txns.clear()
+        self._unconfirmed_spans.clear()
+        stats = self._stats
+        stats.streaming = False
+        stats.broker_ready = False
+        stats.in_flight = 0
+        stats.in_flight_bytes = 0
+        self._pending_commits.clear()
+        stats.oldest_unconfirmed_commit = None
+
+
+INVALID_EVENT_TYPE = "cdc-relay.invalid_event"  # the AMQP type of a dead-lettered invalid row

@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 import pytest
 
 from cdc_relay.lsn import Lsn
 from tests.faults.checks import verify
-from tests.integration.harness import Delivery, Env, Flood, outbox_row
+from tests.integration.harness import Delivery, Env, Flood, insert_events, outbox_row
 
 pytestmark = pytest.mark.integration
 
@@ -571,3 +572,42 @@ def test_large_backlog_drains_with_bounded_memory(env: Env) -> None:
         assert blocked.terminate() == 0
     finally:
         delete_queue(env)
+
+
+# -- 6. large events while the broker is blocked: memory bounded in bytes --------------------------
+def test_large_events_while_blocked_stay_within_the_byte_window(env: Env) -> None:
+    """40 events of 2 MB wait behind a memory alarm; the byte window, not the 2,000-message
+    window, decides how many sit in the relay. Without it ~80 MB of bodies (several copies
+    each) would be held."""
+    env.init()
+    window = 8 * MB
+    relay = env.start_relay(max_in_flight_bytes=str(window), status_interval="4")
+    relay.wait_streaming()
+    blob = "x" * (2 * MB)
+    rows = [
+        (str(uuid4()), "order", "BIG", "OrderPlaced", json.dumps({"seq": i, "blob": blob}))
+        for i in range(40)
+    ]
+    with RssSampler(relay.proc.pid, interval=0.25) as rss:
+        baseline = rss_mb(relay.proc.pid) or 0.0
+        env.rabbit.block_publishers()
+        try:
+            time.sleep(0.5)
+            for row in rows:
+                with env.sql() as conn, conn.transaction():
+                    insert_events(conn, [row])
+            time.sleep(6)
+            assert relay.proc.poll() is None, relay.log()
+            blocked_peak = rss.peak
+        finally:
+            env.rabbit.unblock_publishers()
+        got = env.consume(len(rows), timeout=120, settle=1.0)
+    verdict = verify([r[0] for r in rows], got)
+    print(
+        f"\n[byte window] 40 x 2 MB behind a memory alarm, max_in_flight_bytes 8 MiB: RSS "
+        f"baseline {baseline:.1f} MB, peak while blocked {blocked_peak:.1f} MB, overall "
+        f"{rss.peak:.1f} MB; {verdict}"
+    )
+    # the window holds at most 8 MiB of bodies plus one event; each lives in a few copies
+    assert blocked_peak < baseline + 60, f"RSS grew by {blocked_peak - baseline:.1f} MB"
+    assert relay.terminate() == 0

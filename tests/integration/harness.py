@@ -66,6 +66,8 @@ class Env:
             CDC_RELAY_RECONNECT_MIN="0.2",
             CDC_RELAY_RECONNECT_MAX="2",
             CDC_RELAY_HTTP_ADDRESS="127.0.0.1:0",
+            # idle WAL is confirmed only up to the last publication check: check often here
+            CDC_RELAY_PUBLICATION_CHECK_INTERVAL="2",
             PYTHONUNBUFFERED="1",
         )
         env.update({f"CDC_RELAY_{k.upper()}": v for k, v in overrides.items()})

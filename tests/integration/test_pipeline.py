@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
+import urllib.request
 import uuid
 
 import pytest
 
-from tests.integration.harness import Env, assert_per_aggregate_order, insert_events, outbox_row
+from cdc_relay.lsn import Lsn
+from tests.faults.checks import verify
+from tests.integration.harness import (
+    Env,
+    Flood,
+    assert_per_aggregate_order,
+    insert_events,
+    outbox_row,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +42,21 @@ def test_mixed_transactions_arrive_once_in_per_aggregate_order(env: Env) -> None
             with conn.transaction():
                 insert_events(conn, rows)
             expected.extend(r[0] for r in rows)
+        after_last_commit = env.current_lsn()
     got = env.consume(len(expected))
     ids = [d.message_id for d in got]
     assert len(ids) == len(set(ids)), "a graceful run must not duplicate"
     assert set(ids) == set(expected)
     assert_per_aggregate_order(got)
+    last_commit = max(int(Lsn.parse(d.body["source"]["commit_lsn"])) for d in got)
+    assert last_commit < after_last_commit
     assert relay.terminate() == 0
-    # after a graceful stop the slot sits at or past the last event's commit
-    with env.sql() as c:
-        row = c.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
-    assert row is not None
-    assert env.slot_flush() > 0
+    # after a graceful stop the slot sits at or past the last event's commit: a restart
+    # starts after it and replays nothing
+    flushed = env.slot_flush()
+    assert flushed >= after_last_commit, (
+        f"slot at {Lsn(flushed)}, last commit before {Lsn(after_last_commit)}"
+    )
 
 
 def test_envelope_matches_the_contract(env: Env) -> None:
@@ -157,22 +171,62 @@ def test_null_large_and_non_ascii_payloads(env: Env) -> None:
     assert relay.terminate() == 0
 
 
+def _gauge(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
 def test_graceful_restart_sends_nothing_twice(env: Env) -> None:
+    """SIGTERM in the middle of a flood, with events published and not yet confirmed (the
+    broker is blocked for a moment): the relay finishes the open transaction, waits for the
+    confirms and reports exactly that position, so the next run starts right after the last
+    event it sent. Nobody consumes until the end, so the queue holds both runs' messages in
+    publish order and every duplicate or gap shows."""
     env.init()
     relay = env.start_relay()
     relay.wait_streaming()
-    with env.sql() as conn, conn.transaction():
-        insert_events(conn, [outbox_row(f"A{i % 5}", i) for i in range(300)])
-    first = env.consume(300)
-    assert len(first) == 300
-    assert relay.terminate() == 0
-    assert "stopped cleanly" in relay.log()
+    port = relay.http_port()
+    flood = Flood(env, aggregates=10, batch=50, limit=50_000, pause=0.005).start()
+    try:
+        env.wait_for(lambda: env.queue_depth() >= 500, timeout=60, what="the first run publishing")
+        env.rabbit.block_publishers()
+        try:
+            env.wait_for(lambda: _gauge(port, "cdc_relay_in_flight") > 0, what="unconfirmed events")
+            committed_at_stop = len(flood.committed)
+            relay.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert relay.proc.poll() is None, "the relay must wait for the confirms it owes"
+        finally:
+            env.rabbit.unblock_publishers()
+        assert relay.terminate() == 0
+        log = relay.log()
+        assert "stopped cleanly" in log, log
+        assert "stop timeout" not in log
+        first_run = env.queue_depth()
+        flushed_at_stop = env.slot_flush()
+        # mid-flow: the flood was still writing when the relay stopped, and goes on
+        flood.wait_for(committed_at_stop + 500, timeout=60)
+        assert len(flood.committed) < flood.limit, "the flood ended before the stop"
+        assert 0 < first_run < len(flood.committed)
+        assert flushed_at_stop < env.current_lsn()
+    finally:
+        expected = flood.stop()
+    stopping = next(json.loads(x) for x in log.splitlines() if '"stopping: ' in x)
+    assert stopping["in_flight"] > 0, stopping
+    print(f"stopped with in_flight={stopping['in_flight']}, {first_run} published by run 1")
     relay2 = env.start_relay()
     relay2.wait_streaming()
-    with env.sql() as conn, conn.transaction():
-        insert_events(conn, [outbox_row("B", 0)])
-    second = env.consume(1, settle=1.5)
-    assert [d.body["aggregate_id"] for d in second] == ["B"]
+    got = env.consume(len(expected), timeout=120, settle=1.5)
+    verdict = verify(expected, got, forbidden_ids=flood.rolled_back)
+    assert verdict.duplicates == 0, f"a graceful stop must not make a restart resend: {verdict}"
+    assert len(got) == len(expected)
+    # the reported position splits the two runs exactly: run 1 sent every transaction before it,
+    # run 2 every transaction after it
+    commits = [int(Lsn.parse(d.body["source"]["commit_lsn"])) for d in got]
+    assert max(commits[:first_run]) < flushed_at_stop <= min(commits[first_run:])
     assert relay2.terminate() == 0
 
 
@@ -264,7 +318,8 @@ def test_events_written_while_relay_is_down_arrive_after_start(env: Env) -> None
     relay = env.start_relay()
     got = env.consume(50)
     assert [d.message_id for d in got] == [r[0] for r in rows]
-    assert all(json.dumps(d.body["payload"]) for d in got)
+    assert [d.body["payload"] for d in got] == [json.loads(r[4] or "null") for r in rows]
+    assert [d.body["payload"]["seq"] for d in got] == list(range(50))
     assert relay.terminate() == 0
 
 

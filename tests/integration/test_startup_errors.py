@@ -211,6 +211,55 @@ def test_lost_slot_fails_closed_and_is_never_recreated(env: Env) -> None:
     assert _slot(env) == ("pgoutput", env.dbname, "reserved")
 
 
+def test_vanished_slot_is_never_recreated_by_run(env: Env) -> None:
+    """A slot `init` created and that is gone now (dropped, failover, restore) is refused by
+    `run` even with create_slot = true: a new slot would skip every event in between."""
+    env.init()
+    with env.sql() as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (env.name,))
+    for text in (_run_fails(env, create_slot="true"), _run_fails(env)):
+        assert f"replication slot {env.name} existed and is gone" in text
+        assert "reconciling from the outbox table" in text
+        assert "then run `cdc-relay init` to create the slot deliberately" in text
+    assert _slot(env) is None
+    # the operator's deliberate act creates it, and says what it replaced
+    out = _cli_ok(env, "init")
+    assert f"created slot {env.name} at " in out
+    assert "replacing the one recorded at" in out
+    assert _slot(env) == ("pgoutput", env.dbname, "reserved")
+
+
+def test_two_phase_slot_fails_closed(env: Env) -> None:
+    with env.sql() as conn:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, true)", (env.name,)
+        )
+    line = _cli_fails(env, "init", "--create-outbox")
+    assert _publications(env) == []
+    _outbox_and_publication(env)
+    for text in (line, _run_fails(env), _run_fails(env, create_slot="true")):
+        assert f"slot {env.name} was created with two_phase = true" in text
+        assert f"SELECT pg_drop_replication_slot('{env.name}')" in text
+
+
+def test_sql_ascii_database_fails_closed(env: Env) -> None:
+    with psycopg.connect(env.pg.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{env.dbname}" WITH (FORCE)'.encode())
+        conn.execute(
+            f"CREATE DATABASE \"{env.dbname}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' "
+            "LC_CTYPE 'C' TEMPLATE template0".encode()
+        )
+    line = _cli_fails(env, "init", "--create-outbox")
+    assert _slot(env) is None
+    with env.sql() as conn:
+        assert _scalar(conn, "SELECT to_regclass('public.outbox')") is None
+    _outbox_and_publication(env)
+    for text in (line, _run_fails(env), _run_fails(env, create_slot="true")):
+        assert "the database's encoding is SQL_ASCII" in text
+        assert "cannot convert to UTF-8" in text
+    assert _slot(env) is None
+
+
 def test_busy_slot_waits_as_standby_and_takes_over(env: Env) -> None:
     env.init()
     holder = subprocess.Popen(

@@ -6,7 +6,8 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -37,8 +38,13 @@ def emit(
     level: int = logging.INFO,
     extra: dict[str, Any] | None = None,
     exc: bool = False,
+    raiser: Callable[[], object] | None = None,
+    **kwargs: Any,
 ) -> str:
-    """Log one record through ``formatter`` on an isolated logger; return the raw output."""
+    """Log one record through ``formatter`` on an isolated logger; return the raw output.
+
+    ``exc``: log with ``logger.exception`` while handling ``KeyError("boom")``, or whatever
+    ``raiser`` raises."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
@@ -47,13 +53,15 @@ def emit(
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
     try:
-        if exc:
+        if exc or raiser is not None:
             try:
+                if raiser is not None:
+                    raiser()
                 raise KeyError("boom")
-            except KeyError:
-                logger.exception(msg, *args, extra=extra)
+            except Exception:
+                logger.exception(msg, *args, extra=extra, **kwargs)
         else:
-            logger.log(level, msg, *args, extra=extra)
+            logger.log(level, msg, *args, extra=extra, **kwargs)
     finally:
         logger.handlers.clear()
         logger.propagate = True
@@ -136,6 +144,89 @@ def test_json_exception_records_name_the_error_type() -> None:
     assert obj["level"] == "error"
 
 
+# --- tracebacks (review 7.2) ---------------------------------------------------------------------
+
+
+def _decode_row(row_payload: str) -> None:
+    """Fails deep inside with a local holding row data, like a mapper would."""
+    payload = {"secret": row_payload}
+    _inner(payload)
+
+
+def _inner(payload: dict[str, str]) -> None:
+    raise ValueError(f"cannot map a row with {len(payload)} keys")
+
+
+def _fails_with_cause() -> None:
+    empty: dict[str, int] = {}
+    try:
+        empty["missing"]
+    except KeyError as err:
+        raise RuntimeError("wrapper failed") from err
+
+
+def test_json_exception_records_carry_the_whole_traceback() -> None:
+    secret = f"row-data-{uuid.uuid4()}"
+    obj = one_json(emit(JsonFormatter(), "internal error", raiser=lambda: _decode_row(secret)))
+    tb = obj["traceback"]
+    assert isinstance(tb, str)
+    assert obj["error_type"] == "ValueError"
+    assert obj["msg"] == "internal error"
+    lines = tb.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: cannot map a row with 1 keys"
+    assert not tb.endswith("\n")
+    # every frame from the handler down to the raise, with file, line, function and code
+    assert f'File "{__file__}"' in tb
+    assert tb.index("in emit") < tb.index("in _decode_row") < tb.index("in _inner")
+    assert "_inner(payload)" in tb
+    assert 'raise ValueError(f"cannot map a row with {len(payload)} keys")' in tb
+    # frames hold code, not data: the local variables (the row's payload) are never printed
+    assert secret not in tb
+    assert secret not in json.dumps(obj)
+
+
+def test_json_traceback_includes_the_chained_cause() -> None:
+    obj = one_json(emit(JsonFormatter(), "internal error", raiser=_fails_with_cause))
+    tb = obj["traceback"]
+    assert obj["error_type"] == "RuntimeError"
+    assert "KeyError: 'missing'" in tb
+    assert "The above exception was the direct cause of the following exception:" in tb
+    assert tb.endswith("RuntimeError: wrapper failed")
+    assert tb.count("Traceback (most recent call last):") == 2
+
+
+def test_traceback_redacts_credentials_in_exception_messages() -> None:
+    def fail() -> None:
+        raise ConnectionError("cannot reach amqp://relay:p@ss:w0rd@mq:5672/%2F (password=hunter22)")
+
+    for formatter in (JsonFormatter(), LogfmtFormatter()):
+        out = emit(formatter, "connect failed", raiser=fail)
+        assert "p@ss" not in out
+        assert "w0rd" not in out
+        assert "hunter22" not in out
+        assert "amqp://relay:***@mq:5672/%2F" in out
+
+
+def test_records_without_an_exception_have_no_traceback() -> None:
+    plain = one_json(emit(JsonFormatter(), "fine"))
+    assert "traceback" not in plain
+    assert "error_type" not in plain
+    # exc_info=True outside an except block: logging stores (None, None, None)
+    outside = one_json(emit(JsonFormatter(), "no error here", level=logging.ERROR, exc_info=True))
+    assert "traceback" not in outside
+    assert "error_type" not in outside
+    line = emit(LogfmtFormatter(), "fine")
+    assert "traceback=" not in line
+
+
+def test_stack_info_is_kept_when_asked_for() -> None:
+    obj = one_json(emit(JsonFormatter(), "where am I", stack_info=True))
+    assert obj["stack"].startswith("Stack (most recent call last):")
+    assert "in emit" in obj["stack"]
+    assert "traceback" not in obj
+
+
 def test_json_multiple_records_are_separate_lines() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -210,6 +301,24 @@ def test_logfmt_one_line_per_record_even_with_newlines() -> None:
     assert pairs["msg"] == "replication failed: ERROR:  boom\nDETAIL:  more"
     assert pairs["detail"] == "a\nb"
     assert pairs["slot"] == "cdc_relay"
+
+
+def test_logfmt_traceback_is_one_quoted_value_on_the_record_line() -> None:
+    secret = f"row-data-{uuid.uuid4()}"
+    out = emit(LogfmtFormatter(), "internal error", raiser=lambda: _decode_row(secret))
+    assert out.count("\n") == 1, "a traceback must not split the record into several lines"
+    pairs = logfmt_pairs(out.rstrip("\n"))
+    assert pairs["error_type"] == "ValueError"
+    assert pairs["level"] == "error"
+    tb = pairs["traceback"]
+    assert tb.startswith("Traceback (most recent call last):\n")
+    assert tb.endswith("ValueError: cannot map a row with 1 keys")
+    assert "in _inner" in tb
+    assert secret not in out
+    # the same text as the JSON formatter gives, apart from the line numbers of the emit call
+    json_tb = one_json(emit(JsonFormatter(), "x", raiser=lambda: _decode_row(secret)))["traceback"]
+    assert tb.splitlines()[0] == json_tb.splitlines()[0]
+    assert tb.splitlines()[-3:] == json_tb.splitlines()[-3:]
 
 
 # --- setup ---------------------------------------------------------------------------------------

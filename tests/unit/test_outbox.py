@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdc_relay.errors import OutboxError
+from cdc_relay.errors import InvalidEvent, OutboxError
 from cdc_relay.lsn import Lsn
 from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
 from cdc_relay.pgoutput import UNCHANGED, Binary, Column, ColumnValue, Insert, Relation
@@ -431,3 +431,164 @@ def test_logical_message_event_with_headers_object() -> None:
     assert no_headers is not None
     assert no_headers.headers is None
     assert no_headers.payload == b"null"
+
+
+# --- row-level problems are InvalidEvent with the raw row ----------------------------------------
+
+BYTEA = 17
+RAW_ROW: dict[str, bytes | None] = {n: v for n, v in STANDARD_ROW.items() if type(v) is bytes}
+
+
+def invalid_event(m: OutboxMapper, ins: Insert, lsn: Lsn = LSN) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as info:
+        m.event(ins, lsn)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "raw"),
+    [
+        ("id", None, None),
+        ("aggregateid", b"\xff\xfe", b"\xff\xfe"),
+        ("payload", UNCHANGED, None),
+        ("traceparent", Binary(b"\x00\x01"), None),
+        ("type", None, None),
+    ],
+)
+def test_row_problems_carry_every_column_raw(
+    column: str, value: ColumnValue, raw: bytes | None
+) -> None:
+    err = invalid_event(mapper(), insert({**STANDARD_ROW, column: value}))
+    assert err.column == column
+    assert err.relation == "public.outbox"
+    assert err.lsn == LSN
+    assert err.row == {**RAW_ROW, column: raw}
+    assert not err.retryable
+
+
+def test_fewer_columns_than_the_table_keeps_what_arrived() -> None:
+    short = Insert(OUTBOX_OID, (EVENT_ID.encode(), b"order", b"42", b"T"))
+    err = invalid_event(mapper(), short)
+    assert err.event_id == EVENT_ID
+    assert err.row == {
+        "id": EVENT_ID.encode(),
+        "aggregatetype": b"order",
+        "aggregateid": b"42",
+        "type": b"T",
+        "payload": None,
+        "headers": None,
+        "traceparent": None,
+        "created_at": None,
+    }
+
+
+def test_the_row_includes_columns_that_are_not_outbox_columns() -> None:
+    wider = (*STANDARD_COLUMNS, ("tenant", TEXT))
+    err = invalid_event(
+        mapper(wider), insert({**STANDARD_ROW, "id": None, "tenant": b"acme"}, wider)
+    )
+    assert err.row is not None and err.row["tenant"] == b"acme"
+
+
+def test_error_names_the_column_as_the_table_has_it() -> None:
+    m = OutboxMapper([("public", "outbox")], OutboxColumns(aggregate_id=("agg_id", "aggregateid")))
+    m.relation(relation())
+    err = invalid_event(m, insert({**STANDARD_ROW, "aggregateid": None}))
+    assert err.column == "aggregateid"
+
+
+def test_table_problems_stay_outbox_errors_not_invalid_events() -> None:
+    m = mapper()
+    err = outbox_error(m, Insert(relation_oid=99999, new=(b"x",)))
+    assert not isinstance(err, InvalidEvent)
+    m.relation(relation(STANDARD_COLUMNS[1:]))  # no id column
+    err = outbox_error(m, insert(columns=STANDARD_COLUMNS[1:]))
+    assert not isinstance(err, InvalidEvent)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"payload": 1e400}',
+        b"1e400",
+        b"-1E-400",
+        b'{"big": 123456789012345678901234567890}',
+        b"[" + b"1" * 5000 + b"]",
+    ],
+)
+def test_text_payload_with_numbers_jsonb_accepts_is_valid(raw: bytes) -> None:
+    ev = event_of(mapper(TEXT_PAYLOAD), insert({**STANDARD_ROW, "payload": raw}, TEXT_PAYLOAD))
+    assert ev.payload == raw
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'"\xff"', b'{"k": "\xc3"}'])
+def test_text_payload_deep_or_not_utf8_is_an_invalid_event(raw: bytes) -> None:
+    err = invalid_event(
+        mapper(TEXT_PAYLOAD), insert({**STANDARD_ROW, "payload": raw}, TEXT_PAYLOAD)
+    )
+    assert err.column == "payload"
+    assert err.row is not None and err.row["payload"] == raw
+
+
+BYTEA_PAYLOAD = tuple((n, BYTEA if n == "payload" else t) for n, t in STANDARD_COLUMNS)
+
+
+def test_bytea_payload_in_hex_is_decoded_and_checked() -> None:
+    raw = b'{"n": 1e400}'
+    hex_text = b"\\x" + raw.hex().encode()
+    ev = event_of(
+        mapper(BYTEA_PAYLOAD), insert({**STANDARD_ROW, "payload": hex_text}, BYTEA_PAYLOAD)
+    )
+    assert ev.payload == raw
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (b"{\\\\001}", "the relay sets bytea_output = 'hex'"),
+        (b"\\xzz", "not valid hex"),
+        (b"\\x" + b"not json".hex().encode(), "JSON"),
+        (b"\\x" + b'"\xff"'.hex().encode(), "UTF-8"),
+    ],
+)
+def test_bytea_payload_problems_are_invalid_events(value: bytes, problem: str) -> None:
+    err = invalid_event(
+        mapper(BYTEA_PAYLOAD), insert({**STANDARD_ROW, "payload": value}, BYTEA_PAYLOAD)
+    )
+    assert problem in err.problem
+    assert err.row is not None and err.row["payload"] == value
+
+
+# --- logical messages ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b'{"id": 5, "aggregatetype": "o", "aggregateid": "A", "type": "T"}',
+        b'{"id": "e"}',
+        b"[]",
+        b'{"id":"e","aggregatetype":"o","aggregateid":"A","type":"T","payload":"\xff"}',
+        b'{"id":"e","aggregatetype":"o","aggregateid":"A","type":"T","payload":'
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}",
+    ],
+)
+def test_logical_message_that_is_not_an_event_is_an_invalid_event(content: bytes) -> None:
+    from cdc_relay.pgoutput import Message
+
+    m = OutboxMapper([("public", "outbox")], message_prefix="events")
+    assert m.prefix == "events"
+    with pytest.raises(InvalidEvent) as info:
+        m.message_event(Message(True, LSN, "events", content))
+    err = info.value
+    assert err.row == {"content": content, "prefix": b"events"}
+    assert err.lsn == LSN
+    assert err.column == "content"
+    assert err.relation is None
+    assert "events" in err.problem
+    # other prefixes and non-transactional messages are still none of our business
+    assert m.message_event(Message(True, LSN, "outbox", content)) is None
+    assert m.message_event(Message(False, LSN, "events", content)) is None
