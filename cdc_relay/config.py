@@ -154,8 +154,8 @@ HELP: dict[str, str] = {
     "max_message_size": "largest message body in bytes the broker accepts (RabbitMQ's "
     "max_message_size; 16 MiB by default since RabbitMQ 4.0)",
     "http_address": "host:port for /metrics, /healthz and /readyz (empty: off)",
-    "health_timeout": "seconds without loop tick or progress (data, keepalive, ack) before "
-    "/healthz fails",
+    "health_timeout": "seconds without a loop tick, or of failing retries that never move the "
+    "slot, before /healthz fails",
     "alert_latency": "seconds of commit-to-confirm latency or replication lag that raise the "
     "propagation alert",
     "logical_messages": "also publish pg_logical_emit_message(true, message_prefix, json) events",

@@ -151,6 +151,7 @@ class Session:
         self._write_pending = False
         self._drain_wanted = False
         self._last_unroutable_check = 0.0
+        self._ignored_before = self._stats.ignored_messages
 
     # -- entry point ----------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -401,11 +402,16 @@ class Session:
         pipeline = self._pipeline
         stream = self._stream
         now = time.monotonic()
-        while pipeline.reading and not self._closed:
-            data = stream.read()
-            if data is None:
-                return
-            self._apply(pipeline.copy_data(data, now))
+        try:
+            while pipeline.reading and not self._closed:
+                data = stream.read()
+                if data is None:
+                    return
+                self._apply(pipeline.copy_data(data, now))
+        finally:
+            stats = self._stats
+            stats.server_wal_end = max(stats.server_wal_end, pipeline.server_wal_end)
+            stats.ignored_messages = self._ignored_before + pipeline.ignored_messages
 
     def _set_reading(self, on: bool) -> None:
         if on:

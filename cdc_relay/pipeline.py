@@ -72,7 +72,7 @@ class Publish:
 
     message: OutgoingMessage
     tag: int
-    dead_letter: bool = False  # diverted to the dead-letter exchange (counted apart)
+    dead_letter: str = ""  # why it goes to the dead-letter exchange: "oversize" or "invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +213,7 @@ class Pipeline:
         self._asked_reply_at: float | None = None
         self._warned_prefixes: set[str] = set()
         self.ignored_messages = 0
+        self.server_wal_end = start  # the furthest WAL end the server reported
         self.error: RelayError | None = None
         self._out: list[Effect] = []
 
@@ -382,6 +383,8 @@ class Pipeline:
         self._now = self._last_heard = now
         self._asked_reply_at = None
         frame = parse_copy_data(data)
+        if frame.wal_end > self.server_wal_end:  # noqa: PLR1730 - cheaper than max() per message
+            self.server_wal_end = frame.wal_end
         tracker = self.tracker
         if isinstance(frame, PrimaryKeepalive):
             tracker.received(frame.wal_end)
@@ -474,7 +477,7 @@ class Pipeline:
             self._invalid(err, tx)
             return
         if len(out.body) > self.cfg.max_message_size:
-            self._emit(self._oversize(event, tx, out), dead_letter=True)
+            self._emit(self._oversize(event, tx, out), dead_letter="oversize")
             self._tx_events += 1
             return
         if self._per_aggregate:
@@ -510,7 +513,7 @@ class Pipeline:
         self._emit(out)
         self._tx_events += 1
 
-    def _emit(self, out: OutgoingMessage, dead_letter: bool = False) -> None:
+    def _emit(self, out: OutgoingMessage, dead_letter: str = "") -> None:
         """The only place a delivery tag is issued: after the message exists in full."""
         tracker = self.tracker
         tag = tracker.publish()
@@ -545,7 +548,7 @@ class Pipeline:
                 "dead_letter_exchange": self.cfg.dead_letter_exchange,
             },
         )
-        self._emit(out, dead_letter=True)
+        self._emit(out, dead_letter="invalid")
         self._tx_events += 1
 
     def _oversize(

@@ -426,7 +426,7 @@ class SessionObserver:
         tag = effect.tag
         if effect.dead_letter:
             stats.dead_lettered += 1
-            if effect.message.type == INVALID_EVENT_TYPE:
+            if effect.dead_letter == "invalid":
                 stats.invalid_events += 1
         if not tag & 15:
             self._latency_samples.append((tag, time.monotonic()))
@@ -505,6 +505,3 @@ class SessionObserver:
         stats.in_flight_bytes = 0
         self._pending_commits.clear()
         stats.oldest_unconfirmed_commit = None
-
-
-INVALID_EVENT_TYPE = "cdc-relay.invalid_event"  # the AMQP type of a dead-lettered invalid row
