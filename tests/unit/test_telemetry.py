@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -17,14 +18,23 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cdc_relay import telemetry
+from cdc_relay.config import load
+from cdc_relay.errors import ConnectionLost
+from cdc_relay.lsn import Lsn
+from cdc_relay.messages import MessageBuilder
+from cdc_relay.outbox import OutboxMapper
+from cdc_relay.pgoutput import Begin, Column, Commit, Insert, Relation
+from cdc_relay.pipeline import Acked, Committed, Effect, Finish, Pipeline, Publish, SendStatus
 from cdc_relay.telemetry import (
     Metrics,
     PropagationAlert,
+    SessionObserver,
     Stats,
     Telemetry,
     Tracing,
     tracing_requested,
 )
+from tests.unit.pgoutput_encoder import encode as pg_encode
 
 SLOT = "orders_slot"
 THRESHOLD = 5.0
@@ -623,3 +633,111 @@ def test_a_long_quiet_spell_ends_the_episode(alert_logs: pytest.LogCaptureFixtur
     assert len(recoveries_in(alert_logs)) == 1
     alert.check(commit_to_confirm=THRESHOLD + 1, now=PropagationAlert.IDLE_RESET + 2)
     assert len(warnings_in(alert_logs)) == 2
+
+
+# -- SessionObserver: a pipeline's effects → counters, histograms, spans --------------------------
+def _observed_pipeline(
+    tracing: Tracing | None = None,
+) -> tuple[Telemetry, SessionObserver, Pipeline, Callable[[list[Effect]], None]]:
+    """A real pipeline whose effects go to a real observer, as the daemon wires them."""
+    cfg = load(env={}, overrides={"pg_dsn": "dbname=x", "amqp_url": "amqp://localhost/"})
+    tel = Telemetry.create(SLOT, THRESHOLD, False)
+    if tracing is not None:
+        tel = Telemetry(tel.stats, tel.metrics, tracing, tel.alert)
+    observer = SessionObserver(tel, SLOT)
+    pipeline = Pipeline(
+        cfg,
+        Lsn(0x100),
+        OutboxMapper(cfg.tables),
+        MessageBuilder(SLOT, "db", cfg.routing_key),
+        trace=observer.trace if observer.tracing else None,
+    )
+
+    def apply(effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Publish):
+                observer.on_publish(e, pipeline.tracker.in_flight, pipeline.bytes_in_flight)
+            elif isinstance(e, Acked):
+                observer.on_acked(e, pipeline.tracker.in_flight, pipeline.bytes_in_flight)
+            elif isinstance(e, Committed):
+                observer.on_committed(e)
+            elif isinstance(e, SendStatus):
+                observer.on_status(e)
+            elif isinstance(e, Finish):
+                observer.on_finish(e)
+
+    apply(pipeline.streaming_started(0.0))
+    return tel, observer, pipeline, apply
+
+
+def _one_transaction(pipeline: Pipeline, apply: Callable[[list[Effect]], None], n: int) -> Lsn:
+    rel = Relation(
+        oid=1,
+        namespace="public",
+        name="outbox",
+        replica_identity=ord("d"),
+        columns=tuple(
+            Column(flags=0, name=c, type_oid=25, type_modifier=-1)
+            for c in ("id", "aggregatetype", "aggregateid", "type", "payload", "traceparent")
+        ),
+    )
+    at = 0x200
+
+    def feed(message: bytes) -> None:
+        nonlocal at
+        at += 0x10
+        apply(pipeline.copy_data(b"w" + struct.pack("!QQq", at, at, 0) + message, 0.0))
+
+    feed(pg_encode(rel))
+    feed(pg_encode(Begin(final_lsn=Lsn(0x900), commit_time=0, xid=5)))
+    for i in range(n):
+        feed(pg_encode(Insert(1, (f"e{i}".encode(), b"o", b"1", b"T", b"{}", PARENT.encode()))))
+    end = Lsn(0x1000)
+    feed(pg_encode(Commit(flags=0, commit_lsn=Lsn(0x900), end_lsn=end, commit_time=0)))
+    return end
+
+
+def test_observer_counts_publishes_confirms_and_the_commit_to_confirm_histogram() -> None:
+    tel, _observer, pipeline, apply = _observed_pipeline()
+    end = _one_transaction(pipeline, apply, 3)
+    stats = tel.stats
+    assert stats.published == 3 and stats.in_flight == 3 and stats.in_flight_bytes > 0
+    assert stats.oldest_unconfirmed_commit is not None
+    apply(pipeline.ack(3, True))
+    assert stats.confirmed == 3 and stats.in_flight == 0 and stats.in_flight_bytes == 0
+    assert stats.oldest_unconfirmed_commit is None, "the transaction is confirmed"
+    samples = scrape(tel.metrics)
+    assert samples[("cdc_relay_commit_to_confirm_seconds_count", frozenset())] == 1
+    apply(pipeline.flush_due())
+    assert stats.confirmed_lsn == end and stats.last_status_update > 0
+
+
+def test_observer_spans_get_a_confirm_event_and_end_at_the_flush(
+    exporter: InMemorySpanExporter,
+) -> None:
+    tracing = Tracing(True, exporter=exporter)
+    _tel, _observer, pipeline, apply = _observed_pipeline(tracing)
+    _one_transaction(pipeline, apply, 2)
+    apply(pipeline.ack(2, True))
+    tracing._provider.force_flush()
+    assert exporter.get_finished_spans() == (), "spans end when the flush is reported"
+    apply(pipeline.flush_due())
+    spans = finished(tracing, exporter)
+    assert len(spans) == 2
+    for span in spans:
+        names = [e.name for e in span.events]
+        assert names == [telemetry.EVENT_CONFIRM, telemetry.EVENT_FLUSH]
+        assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_SPAN_ID
+
+
+def test_observer_ends_unflushed_spans_on_finish(exporter: InMemorySpanExporter) -> None:
+    tracing = Tracing(True, exporter=exporter)
+    tel, _observer, pipeline, apply = _observed_pipeline(tracing)
+    _one_transaction(pipeline, apply, 2)
+    apply(pipeline.failure(ConnectionLost("gone")))
+    spans = finished(tracing, exporter)
+    assert len(spans) == 2
+    assert all(
+        s.attributes is not None and s.attributes["cdc_relay.flushed"] is False for s in spans
+    )
+    assert tel.stats.in_flight == 0 and not tel.stats.streaming
