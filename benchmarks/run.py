@@ -317,26 +317,33 @@ class Bench:
 
     # -- cdc-relay ------------------------------------------------------------------------------
     def cdc_drain(
-        self, label: str, n: int, txn_size: int, tracing: bool = False, sample: float = 1.0
+        self,
+        label: str,
+        n: int,
+        txn_size: int,
+        tracing: bool = False,
+        sample: float = 1.0,
+        settings: dict[str, str] | None = None,
     ) -> Result:
         """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
         (Jaeger's stand-in, its own process), with the SDK's default batch processor settings;
-        ``sample`` < 1 keeps that fraction of traces (``parentbased_traceidratio``)."""
+        ``sample`` < 1 keeps that fraction of traces (``parentbased_traceidratio``).
+        ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``)."""
         slot = f"bench_{label}"
         self.reset(OUTBOX)
         env = self._relay_env(slot)
         relay_cli(env, "init", "--create-outbox")
-        otel: dict[str, str] = {}
+        otel: dict[str, str] = {f"CDC_RELAY_{k}": v for k, v in (settings or {}).items()}
         sink: Child | None = None
         traced: Result = {}
         try:
             if tracing:
                 sink = self.child(f"otlp-sink-{label}", "benchmarks.probe", ["otlp-sink"])
                 port = sink.expect("ready", 60)["port"]
-                otel = {
-                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
-                    "OTEL_SERVICE_NAME": "cdc-relay-bench",
-                }
+                otel.update(
+                    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{port}/v1/traces",
+                    OTEL_SERVICE_NAME="cdc-relay-bench",
+                )
                 if sample < 1:
                     otel["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
                     otel["OTEL_TRACES_SAMPLER_ARG"] = str(sample)
@@ -716,6 +723,17 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
         ]
     rate = f"{plan.rate:,.0f} ev/s"
     steps += [
+        (
+            "cdc_strict_order",
+            f"cdc-relay backlog drain, max_in_flight_per_aggregate = 1, N={n:,}",
+            partial(
+                bench.cdc_drain,
+                "strict",
+                n,
+                plan.txn_size,
+                settings={"MAX_IN_FLIGHT_PER_AGGREGATE": "1"},
+            ),
+        ),
         (
             "cdc_traced_sampled",
             f"cdc-relay backlog drain, tracing on, 1% sampled, N={n:,}",

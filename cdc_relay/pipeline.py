@@ -44,6 +44,7 @@ from cdc_relay.replication import PrimaryKeepalive, parse_copy_data
 log = logging.getLogger("cdc_relay")
 
 TICK = 1.0  # seconds between the driver's ticks; status updates while paused come this often
+HEALTHY_AFTER = 60.0  # seconds of streaming after which a failure restarts the backoff afresh
 
 # Errors about the data itself: the broker is fine, so the events before the bad one are let
 # finish (halt) instead of being thrown away with the connection.
@@ -227,9 +228,11 @@ class Pipeline:
         return self._bytes
 
     def outcome(self) -> Outcome:
-        # useful work = the confirmed point moved; acks alone do not count, or a row that fails
-        # after others in its transaction would reset the backoff on every cycle
-        healthy = self.tracker.confirmed > self._start
+        # useful work = the confirmed point moved, or the session streamed a good while (an
+        # idle database moves nothing). Acks alone do not count, or a row that fails after
+        # others in its transaction would reset the backoff on every cycle
+        streamed_for = 0.0 if self._started_at is None else self._now - self._started_at
+        healthy = self.tracker.confirmed > self._start or streamed_for >= HEALTHY_AFTER
         err = self.error
         careful = isinstance(err, Nacked) or (self._careful and self._window == 1)
         return Outcome(healthy=healthy, careful=careful, error=err)

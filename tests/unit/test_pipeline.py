@@ -475,3 +475,12 @@ def test_outcome_is_healthy_only_when_the_slot_moved() -> None:
     )
     f.commit()
     assert f.pipeline.outcome().healthy
+
+
+def test_a_long_idle_session_counts_as_healthy() -> None:
+    f = Feed()
+    for second in (20, 40):
+        f.take(f.pipeline.copy_data(keepalive(0x1000), f.now + second))
+    assert not f.pipeline.outcome().healthy
+    f.take(f.pipeline.copy_data(keepalive(0x1000), f.now + 61))
+    assert f.pipeline.outcome().healthy, "a day on an idle database was not a failed session"
