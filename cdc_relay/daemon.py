@@ -161,13 +161,18 @@ class Session:
         try:
             info = self._stream.connect()
             self.backend_pid = self._stream.backend_pid
-            mapper = OutboxMapper(
-                cfg.tables,
-                OutboxColumns(**{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}),
-                message_prefix=cfg.message_prefix,
+            columns = OutboxColumns(
+                **{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}
             )
+            mapper = OutboxMapper(cfg.tables, columns, message_prefix=cfg.message_prefix)
             builder = MessageBuilder(
-                cfg.slot, info.dbname, cfg.routing_key, cfg.exchange, self._routes
+                cfg.slot,
+                info.dbname,
+                cfg.routing_key,
+                cfg.exchange,
+                self._routes,
+                columns=columns,
+                message_prefix=cfg.message_prefix,
             )
             observer = self._observer
             self.pipeline = Pipeline(

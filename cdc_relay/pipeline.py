@@ -540,6 +540,16 @@ class Pipeline:
             )
             raise err
         out = self._builder.dead_letter(err, tx, self.cfg.dead_letter_exchange)
+        if len(out.body) > self.cfg.max_message_size:
+            # the raw row itself is too large to divert: nothing left but to stop before it
+            raise BrokerRefused(
+                f"invalid event ({err.problem}) is too large to dead-letter whole "
+                f"({len(out.body)} bytes > max_message_size {self.cfg.max_message_size}); skip "
+                "its transaction by hand (README: 'A row the relay cannot publish')",
+                event_id=err.context.get("event_id"),
+                lsn=err.lsn,
+                commit_lsn=tx.commit_lsn_text,
+            )
         log.error(
             "invalid event dead-lettered",
             extra={

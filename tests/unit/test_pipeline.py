@@ -484,3 +484,12 @@ def test_a_long_idle_session_counts_as_healthy() -> None:
     assert not f.pipeline.outcome().healthy
     f.take(f.pipeline.copy_data(keepalive(0x1000), f.now + 61))
     assert f.pipeline.outcome().healthy, "a day on an idle database was not a failed session"
+
+
+def test_invalid_row_too_large_to_dead_letter_halts() -> None:
+    f = Feed(invalid_event_policy="dead_letter", dead_letter_exchange="dlx", max_message_size=300)
+    f.begin()
+    f.insert(id=None, payload=b'{"blob": "' + b"x" * 400 + b'"}')
+    err = f.finish().error
+    assert isinstance(err, BrokerRefused) and "too large to dead-letter" in str(err)
+    assert not f.published()
