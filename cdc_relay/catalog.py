@@ -748,25 +748,56 @@ def current_wal_lsn(conn: Conn) -> Lsn:
 
 
 def publication_watermark(cfg: Config) -> Lsn:
-    """Re-check the publication while streaming; → the WAL position it vouches for.
+    """One re-check of the publication on a connection of its own (see ``PublicationCheck``)."""
+    check = PublicationCheck(cfg)
+    try:
+        return check.watermark()
+    finally:
+        check.close()
 
-    Reads ``pg_current_wal_lsn()`` first, then runs ``check_publication``: WAL up to the
-    returned LSN was written before a check that found the publication intact, so the relay
-    may move the slot through idle WAL up to there, and no further. Drift (the outbox left
-    out, inserts unpublished, a row filter or a column list) raises ``SetupError``; an
-    unreachable server raises ``ConnectionLost``. Opens its own short-lived connection and
-    touches no shared state, so a worker thread may run it.
+
+class PublicationCheck:
+    """Re-checks the publication while streaming, on one kept connection.
+
+    ``watermark`` reads ``pg_current_wal_lsn()`` first, then runs ``check_publication``: WAL up
+    to the returned LSN was written before a check that found the publication intact, so the
+    relay may move the slot through idle WAL up to there, and no further. Drift (the outbox
+    left out, inserts unpublished, a row filter or a column list) raises ``SetupError``; an
+    unreachable server raises ``ConnectionLost`` (the next call reconnects). The connection is
+    kept because the check runs every few seconds: a backend fork each time would cost the
+    server more than the check. It touches no shared state, so a worker thread may own it.
     """
-    with connect(cfg) as conn, _sql_errors(cfg, "re-checking the publication"):
-        conn.execute(f"SET statement_timeout = '{WATERMARK_STATEMENT_TIMEOUT}'")
-        watermark = current_wal_lsn(conn)
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._conn: Conn | None = None
+
+    def watermark(self) -> Lsn:
+        cfg = self._cfg
         try:
-            check_publication(conn, cfg)
-        except SetupError as err:
-            raise SetupError(
-                f"the publication changed while streaming: {err.message}", **err.context
-            ) from None
-    return watermark
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = self._conn = connect(cfg)
+                with _sql_errors(cfg, "re-checking the publication"):
+                    conn.execute(f"SET statement_timeout = '{WATERMARK_STATEMENT_TIMEOUT}'")
+            with _sql_errors(cfg, "re-checking the publication"):
+                watermark = current_wal_lsn(conn)
+                try:
+                    check_publication(conn, cfg)
+                except SetupError as err:
+                    raise SetupError(
+                        f"the publication changed while streaming: {err.message}", **err.context
+                    ) from None
+        except ConnectionLost:
+            self.close()
+            raise
+        return watermark
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
 
 def status(cfg: Config) -> SlotStatus:

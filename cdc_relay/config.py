@@ -54,7 +54,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     flush_delay: float = 0.05
     stop_timeout: float = 30.0
     replication_timeout: float = 30.0
-    publication_check_interval: float = 60.0
+    publication_check_interval: float = 10.0
     amqp_heartbeat: int = 30
     reconnect_min: float = 0.5
     reconnect_max: float = 10.0
@@ -129,7 +129,8 @@ HELP: dict[str, str] = {
     "replication_timeout": "seconds PostgreSQL may stay silent after the relay asked it for a "
     "reply before the replication connection counts as lost (detects half-open connections)",
     "publication_check_interval": "seconds between re-checks of the publication while "
-    "streaming; the slot is never moved through idle WAL past the last check",
+    "streaming (one short query on a kept connection); the slot is never moved through idle "
+    "WAL past the last check, so an idle outbox retains about this much WAL",
     "amqp_heartbeat": "AMQP heartbeat seconds (detects a half-open broker connection)",
     "reconnect_min": "first reconnect backoff in seconds",
     "reconnect_max": "largest reconnect backoff in seconds",

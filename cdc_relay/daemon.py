@@ -87,19 +87,23 @@ class PublicationWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                watermark = catalog.publication_watermark(self._cfg)
-            except SetupError as err:
-                self._post(functools.partial(self.on_drift, err))
-                return
-            except ConnectionLost as err:
-                log.warning("publication check skipped", extra={"error": str(err)})
-            except Exception as exc:  # a bug here must not kill the thread silently
-                log.error("publication check failed", exc_info=exc)
-            else:
-                self._post(functools.partial(self.on_checked, watermark))
-            self._stop.wait(self._cfg.publication_check_interval)
+        check = catalog.PublicationCheck(self._cfg)
+        try:
+            while not self._stop.is_set():
+                try:
+                    watermark = check.watermark()
+                except SetupError as err:
+                    self._post(functools.partial(self.on_drift, err))
+                    return
+                except ConnectionLost as err:
+                    log.warning("publication check skipped", extra={"error": str(err)})
+                except Exception as exc:  # a bug here must not kill the thread silently
+                    log.error("publication check failed", exc_info=exc)
+                else:
+                    self._post(functools.partial(self.on_checked, watermark))
+                self._stop.wait(self._cfg.publication_check_interval)
+        finally:
+            check.close()
 
 
 class Session:

@@ -386,6 +386,11 @@ class _Closing:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
     def execute(self, query: object, params: Any = ()) -> _Result:
         self.queries.append(str(query))
         if "pg_current_wal_lsn" in str(query):
@@ -406,6 +411,38 @@ def test_watermark_reads_the_lsn_before_checking_the_publication(
     assert "statement_timeout" in conn.queries[0]
     assert "pg_current_wal_lsn" in conn.queries[1]
     assert order == ["check after 2"]
+
+
+def test_publication_check_keeps_its_connection_and_reconnects_after_a_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[_Closing] = []
+
+    def connect(cfg: Config) -> _Closing:
+        opened.append(_Closing())
+        return opened[-1]
+
+    lost = [False]
+
+    def check(conn: object, cfg: Config) -> None:
+        if lost[0]:
+            raise ConnectionLost("gone", side="postgres")
+
+    monkeypatch.setattr(catalog, "connect", connect)
+    monkeypatch.setattr(catalog, "check_publication", check)
+    checker = catalog.PublicationCheck(_cfg())
+    checker.watermark()
+    checker.watermark()
+    assert len(opened) == 1, "one connection serves every check"
+    lost[0] = True
+    with pytest.raises(ConnectionLost):
+        checker.watermark()
+    assert opened[0].closed
+    lost[0] = False
+    checker.watermark()
+    assert len(opened) == 2, "the next check reconnects"
+    checker.close()
+    assert opened[1].closed
 
 
 def test_watermark_reports_drift_as_a_change_while_streaming(
