@@ -125,7 +125,7 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
     throughput("cdc_backlog", f"cdc-relay backlog drain ({plan.txn_size} ev/txn)")
     throughput("cdc_traced", "cdc-relay backlog drain, tracing on (span/event)")
     throughput("cdc_traced_sampled", "cdc-relay backlog drain, tracing on, 1% sampled")
-    throughput("cdc_strict_order", "cdc-relay drain, max_in_flight_per_aggregate = 1")
+    throughput("cdc_strict_order", "cdc-relay backlog drain, max_in_flight_per_aggregate = 1")
     throughput("polling_backlog", "polling relay drain (SKIP LOCKED, batch 2000)")
     throughput("naive_backlog", "naive relay (confirm each message)")
 

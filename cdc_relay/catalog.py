@@ -771,6 +771,7 @@ class PublicationCheck:
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self._conn: Conn | None = None
+        self._vouched: Lsn | None = None  # the newest watermark a passing check returned
 
     def watermark(self) -> Lsn:
         cfg = self._cfg
@@ -785,12 +786,19 @@ class PublicationCheck:
                 try:
                     check_publication(conn, cfg)
                 except SetupError as err:
+                    since = f"after {self._vouched}" if self._vouched else "since the last start"
                     raise SetupError(
-                        f"the publication changed while streaming: {err.message}", **err.context
+                        f"the publication changed while streaming: {err.message}. Outbox rows "
+                        f"committed {since} while the publication did not cover them are not "
+                        "in the replication stream, even once it is restored (PostgreSQL "
+                        "decodes them with the publication as it was): re-publish them from "
+                        "the outbox table; the slot has not moved past them",
+                        **err.context,
                     ) from None
         except ConnectionLost:
             self.close()
             raise
+        self._vouched = watermark
         return watermark
 
     def close(self) -> None:

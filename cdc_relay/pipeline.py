@@ -426,6 +426,11 @@ class Pipeline:
 
     def _commit(self, end_lsn: Lsn) -> None:
         tracker = self.tracker
+        if not self._tx_events and end_lsn > self._ceiling:
+            # a transaction that gave us nothing proves nothing about the publication (after
+            # ALTER PUBLICATION ... SET TABLE other, the other table's commits still arrive):
+            # like idle WAL, it is confirmed only as far as the last publication check vouches
+            end_lsn = self._ceiling
         tracker.commit(end_lsn)
         tx = self._tx
         if self._tx_events and tx is not None:

@@ -173,11 +173,23 @@ def test_confirmed_point_waits_for_every_event_of_the_transaction() -> None:
     assert f.pipeline.tracker.confirmed == end
 
 
-def test_transaction_without_events_advances_at_its_commit() -> None:
+def test_transaction_without_events_advances_at_its_commit_up_to_the_last_check() -> None:
     f = Feed()
+    f.take(f.pipeline.publication_checked(Lsn(0x1100)))
+    end = f.tx()
+    assert end > Lsn(0x1100)
+    assert f.pipeline.tracker.confirmed == Lsn(0x1100), "no check vouches for WAL past 0/1100"
+    assert ScheduleFlush(f.cfg.flush_delay) in f.effects
+    f.take(f.pipeline.publication_checked(Lsn(0x9000)))
     end = f.tx()
     assert f.pipeline.tracker.confirmed == end
-    assert ScheduleFlush(f.cfg.flush_delay) in f.effects
+
+
+def test_transaction_with_events_is_confirmed_whole_whatever_the_last_check() -> None:
+    f = Feed()
+    end = f.tx("a")
+    f.ack(1)
+    assert f.pipeline.tracker.confirmed == end
 
 
 # -- graceful stop -------------------------------------------------------------------------------
@@ -406,10 +418,10 @@ def test_per_aggregate_hold_releases_after_the_previous_confirm() -> None:
 # -- keepalives, status updates and liveness -----------------------------------------------------
 def test_idle_advance_is_capped_by_the_last_publication_check() -> None:
     f = Feed()
-    f.tx()  # confirmed moves to this commit
-    at_commit = f.pipeline.tracker.confirmed
+    f.tx()
+    assert f.pipeline.tracker.confirmed == START, "no check vouches for that commit yet"
     f.take(f.pipeline.copy_data(keepalive(0x900000), f.now))
-    assert f.pipeline.tracker.confirmed == at_commit, "no check vouches for that WAL yet"
+    assert f.pipeline.tracker.confirmed == START, "no check vouches for that WAL yet"
     f.take(f.pipeline.publication_checked(Lsn(0x5000)))
     f.take(f.pipeline.copy_data(keepalive(0x900000), f.now))
     assert f.pipeline.tracker.confirmed == Lsn(0x5000)
