@@ -472,7 +472,9 @@ class SessionObserver:
             self._alert.check(latency)
 
     def on_progress(self) -> None:
-        self._stats.last_progress = time.time()
+        stats = self._stats
+        stats.last_progress = time.time()
+        stats.consecutive_failures = 0  # this session works: whatever failed before is over
 
     def on_status(self, effect: SendStatus) -> None:
         stats = self._stats
