@@ -221,42 +221,8 @@ class MessageBuilder:
             traceparent = event.traceparent
         if traceparent:
             headers["traceparent"] = traceparent
-        # inline rather than via _body/_properties: this is the per-event hot path
-        try:
-            body = _encoder.encode(
-                EnvelopeV1(
-                    id=event.id,
-                    aggregate_type=event.aggregate_type,
-                    aggregate_id=event.aggregate_id,
-                    type=event.type,
-                    payload=_NULL if event.payload is None else msgspec.Raw(event.payload),
-                    occurred_at=_timestamp(event),
-                    committed_at=tx.committed_at,
-                    source=Source(
-                        lsn=lsn,
-                        commit_lsn=tx.commit_lsn_text,
-                        txid=tx.xid,
-                        slot=self._slot,
-                        database=self._database,
-                    ),
-                )
-            )
-            properties = encode_properties(
-                CONTENT_TYPE,
-                headers,
-                DELIVERY_MODE,
-                event.id,
-                tx.timestamp,
-                event.type,
-                APP_ID,
-                strings=row_headers is None,  # the relay's own header values are all text
-            )
-        except UnicodeEncodeError:
-            raise self._not_unicode(event) from None
-        except EncodeError as exc:
-            raise self._unencodable(exc, event) from None
-        if CONTENT_HEADER_OVERHEAD + len(properties) > self.frame_max:
-            raise self._too_large(event, headers, len(properties))
+        body = self._body(event, tx, lsn)
+        properties = self._properties(event, tx, headers, row_headers is None)
         return OutgoingMessage(
             exchange=exchange,
             routing_key=routing_key,
@@ -446,8 +412,14 @@ class MessageBuilder:
             raise self._not_unicode(event) from None
 
     def _properties(
-        self, event: OutboxEvent, tx: TransactionInfo, headers: dict[str, object]
+        self,
+        event: OutboxEvent,
+        tx: TransactionInfo,
+        headers: dict[str, object],
+        strings: bool | None = None,
     ) -> bytes:
+        """``strings=True``: every header value is text (the relay's own), the encoder's fast
+        path; ``False``: the row added some, take the general encoder; ``None``: look."""
         try:
             properties = encode_properties(
                 CONTENT_TYPE,
@@ -457,7 +429,10 @@ class MessageBuilder:
                 tx.timestamp,
                 event.type,
                 APP_ID,
+                strings=strings,
             )
+        except UnicodeEncodeError:
+            raise self._not_unicode(event) from None
         except EncodeError as exc:
             raise self._unencodable(exc, event) from None
         if CONTENT_HEADER_OVERHEAD + len(properties) > self.frame_max:
