@@ -2,8 +2,12 @@
 
 ``pika``     the broker ceiling: a raw pika ``SelectConnection`` publisher with pipelined
              confirms (at most ``--window`` unconfirmed, like the relay's ``max_in_flight``),
-             persistent + mandatory messages of the same size and property set as the relay's.
-             Bodies and properties are built before the clock starts.
+             persistent + mandatory messages of the same size and property set as the relay's
+             (its envelope-v1 body, its seven properties and three headers; ``--slot`` names
+             the relay's slot, which the envelope carries). ``--minimal``: the body is the
+             payload alone (the same bytes, no envelope) and the only properties are
+             ``delivery_mode=2`` and ``message_id``. Bodies and properties are built before the
+             clock starts.
 ``polling``  a polling outbox relay written well: ``SELECT ... ORDER BY seq FOR UPDATE SKIP
              LOCKED LIMIT batch``, publish the whole batch with pipelined confirms, ``DELETE`` the
              batch, commit; poll again at once after a non-empty batch, after ``--idle`` seconds
@@ -27,16 +31,19 @@ import json
 import signal
 import sys
 import time
+import uuid
 from typing import Any
 
 import pika
 import psycopg
 from pika.adapters.select_connection import SelectConnection
 
-from benchmarks.workload import POLL_OUTBOX, envelope, pad_length, sample_message
+from benchmarks.probe import property_names
+from benchmarks.workload import POLL_OUTBOX, envelope, pad_length, payload_text, sample_message
 
 ROUTING_KEY = "order.OrderPlaced"
 POOL = 20_000  # distinct prebuilt messages of the pika ceiling
+POOL_BYTES = 64 * 1024 * 1024  # ... and at most this many body bytes of them (64 KB payloads)
 APP_ID = "cdc-relay"  # the same property set (and so the same header frame size) as the relay
 
 
@@ -68,19 +75,43 @@ class _Stop:
         self.requested = True
 
 
+def minimal_message(i: int, pad: int) -> tuple[bytes, Any]:
+    """The least a publisher can send for one event: the payload bytes alone as the body, and
+    two properties (persistent, and the event id as ``message_id``)."""
+    body = payload_text(i, pad).encode()
+    return body, pika.BasicProperties(delivery_mode=2, message_id=str(uuid.uuid4()))
+
+
 # -- raw pika ceiling -------------------------------------------------------------------------
 class PikaCeiling:
-    def __init__(self, url: str, exchange: str, count: int, window: int, pad: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        count: int,
+        window: int,
+        pad: int,
+        minimal: bool = False,
+        slot: str = "bench",
+    ) -> None:
         self.exchange = exchange
         self.count = count
         self.window = window
         now = int(time.time())
-        self.messages = []
+        self.messages: list[tuple[bytes, Any]] = []
         # a pool of distinct messages, reused round-robin so a million needs no gigabyte
-        for i in range(min(count, POOL)):
-            mid, body, headers = sample_message(i, pad)
-            self.messages.append((body, properties(mid, headers, now)))
+        pool = min(count, POOL, max(100, POOL_BYTES // (pad + 500)))
+        for i in range(pool):
+            if minimal:
+                self.messages.append(minimal_message(i, pad))
+            else:
+                mid, body, headers = sample_message(i, pad, slot=slot)
+                self.messages.append((body, properties(mid, headers, now)))
+        self.pool = len(self.messages)
         self.body_bytes = len(self.messages[0][0]) if self.messages else 0
+        first = self.messages[0][1] if self.messages else None
+        self.property_names = property_names(first) if first is not None else []
+        self.header_names = sorted((first.headers or {}) if first is not None else {})
         self.sent = 0
         self.acked = 0
         self.failures = 0
@@ -110,13 +141,19 @@ class PikaCeiling:
     def _on_confirm_mode(self, _frame: Any) -> None:
         self.started = time.time()
         self.cpu_started = time.process_time()
-        emit("ready", body_bytes=self.body_bytes)
+        emit(
+            "ready",
+            body_bytes=self.body_bytes,
+            properties=self.property_names,
+            headers=self.header_names,
+        )
         self._fill()
 
     def _fill(self) -> None:
         publish = self.channel.basic_publish
+        pool = self.pool
         while self.sent < self.count and self.sent - self.acked < self.window:
-            body, props = self.messages[self.sent % POOL]
+            body, props = self.messages[self.sent % pool]
             publish(self.exchange, ROUTING_KEY, body, props, mandatory=True)
             self.sent += 1
 
@@ -410,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=2000)
     p.add_argument("--payload", type=int, default=150)
     p.add_argument("--max-seconds", type=float, default=300)
+    p.add_argument(
+        "--minimal",
+        action="store_true",
+        help="body = the payload alone, properties = delivery_mode and message_id only",
+    )
+    p.add_argument("--slot", default="bench", help="the slot name the envelope carries")
     p = sub.add_parser("paced", help="raw pika at a fixed rate, for the latency floor")
     p.add_argument("--url", required=True)
     p.add_argument("--exchange", required=True)
@@ -431,7 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-seconds must be in (0, 3600]")
     if args.command == "pika":
         ceiling = PikaCeiling(
-            args.url, args.exchange, args.count, args.window, pad_length(args.payload)
+            args.url,
+            args.exchange,
+            args.count,
+            args.window,
+            pad_length(args.payload),
+            minimal=args.minimal,
+            slot=args.slot,
         )
         return ceiling.run(args.max_seconds)
     if args.command == "paced":

@@ -62,6 +62,17 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
+_PROPERTY_NAMES = (
+    "content_type", "content_encoding", "headers", "delivery_mode", "priority", "correlation_id",
+    "reply_to", "expiration", "message_id", "timestamp", "type", "user_id", "app_id", "cluster_id",
+)  # fmt: skip
+
+
+def property_names(props: Any) -> list[str]:
+    """The AMQP basic properties that are set on ``props`` (what goes on the wire), sorted."""
+    return sorted(n for n in _PROPERTY_NAMES if getattr(props, n, None) is not None)
+
+
 # -- queue depth --------------------------------------------------------------------------------
 class Broker:
     """A blocking admin connection: declare, bind, count and delete queues."""
@@ -90,6 +101,18 @@ class Broker:
 
     def delete_queue(self, queue: str) -> None:
         self.channel.queue_delete(queue)
+
+    def sample(self, queue: str) -> dict[str, Any] | None:
+        """Take one message off ``queue``: its body size, property and header names (what a
+        publisher really sent); None when the queue is empty."""
+        method, props, body = self.channel.basic_get(queue, auto_ack=True)
+        if method is None or props is None or body is None:
+            return None
+        return {
+            "body_bytes": len(body),
+            "properties": property_names(props),
+            "headers": sorted(props.headers or {}),
+        }
 
     def depth(self, queue: str) -> int:
         ok = self.channel.queue_declare(queue, durable=True, passive=True)

@@ -134,9 +134,12 @@ def envelope(
     )
 
 
-def sample_message(i: int, pad: int, stamp: str = "") -> tuple[str, bytes, dict[str, str]]:
+def sample_message(
+    i: int, pad: int, stamp: str = "", slot: str = "bench"
+) -> tuple[str, bytes, dict[str, str]]:
     """(message_id, body, headers) of one synthetic event, as cdc-relay would publish it;
-    ``stamp`` (RFC 3339) becomes ``occurred_at`` and ``committed_at``."""
+    ``stamp`` (RFC 3339) becomes ``occurred_at`` and ``committed_at``, ``slot`` the slot name
+    the envelope's ``source`` carries (the relay's own, for a byte-for-byte equal size)."""
     event_id = str(uuid.uuid4())
     now = stamp or time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
     lsn = f"0/{0x1500000 + i * 400:X}"
@@ -150,7 +153,7 @@ def sample_message(i: int, pad: int, stamp: str = "") -> tuple[str, bytes, dict[
             "lsn": lsn,
             "commit_lsn": lsn,
             "txid": 1000 + i // 10,
-            "slot": "bench",
+            "slot": slot,
             "database": "bench",
         },
     )

@@ -30,7 +30,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 
 import msgspec
 
@@ -49,6 +48,7 @@ CONTENT_TYPE = "application/json"
 DELIVERY_MODE = 2  # persistent
 DEFAULT_FRAME_MAX = 131072  # RabbitMQ's default; the driver sets the negotiated value
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+PG_EPOCH_UNIX = 946684800  # PG_EPOCH as unix seconds
 INVALID_EVENT_TYPE = "cdc-relay.invalid_event"
 INVALID_ROUTING_KEY = "cdc-relay.invalid"
 # headers the relay sets on every event; a row may not set them
@@ -123,11 +123,10 @@ class TransactionInfo:
         self.commit_time = commit_time  # µs since 2000-01-01 UTC
         self.commit_lsn_text = str(commit_lsn)
         self.committed_at = PG_EPOCH + dt.timedelta(microseconds=commit_time)
-        self.timestamp = int(self.committed_at.timestamp())
+        self.timestamp = commit_time // 1_000_000 + PG_EPOCH_UNIX
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
+class OutgoingMessage(msgspec.Struct, frozen=True, gc=False):
     """Everything the AMQP adapter needs to publish one message; pika-free so it is testable.
 
     ``properties`` is the encoded AMQP basic-properties list (what follows the content-header

@@ -20,7 +20,8 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from cdc_relay.checkpoint import CheckpointTracker
 from cdc_relay.config import Config
@@ -36,7 +37,7 @@ from cdc_relay.errors import (
     RelayError,
 )
 from cdc_relay.lsn import Lsn
-from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
+from cdc_relay.messages import PG_EPOCH_UNIX, MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxEvent, OutboxMapper
 from cdc_relay.pgoutput import Begin, Commit, Insert, Message, Relation, Truncate, decode
 from cdc_relay.replication import PrimaryKeepalive, parse_copy_data
@@ -67,8 +68,7 @@ class Phase(enum.Enum):
 
 
 # -- effects -------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(msgspec.Struct, frozen=True, gc=False):
     """Hand ``message`` to the broker; its confirm will carry ``tag``."""
 
     message: OutgoingMessage
@@ -76,8 +76,7 @@ class Publish:
     dead_letter: str = ""  # why it goes to the dead-letter exchange: "oversize" or "invalid"
 
 
-@dataclass(frozen=True, slots=True)
-class SendStatus:
+class SendStatus(msgspec.Struct, frozen=True, gc=False):
     """Standby status update: flush = apply = ``flush``; it never goes backwards."""
 
     write: Lsn
@@ -85,32 +84,27 @@ class SendStatus:
     reply_requested: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class PauseReading:
+class PauseReading(msgspec.Struct, frozen=True, gc=False):
     """Stop reading the replication socket (TCP backpressure holds the server)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ResumeReading:
+class ResumeReading(msgspec.Struct, frozen=True, gc=False):
     """Read again, starting with whatever libpq already buffered."""
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduleFlush:
+class ScheduleFlush(msgspec.Struct, frozen=True, gc=False):
     """Call ``flush_due`` after ``delay`` seconds (batches a burst of acks into one update)."""
 
     delay: float
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduleStopTimeout:
+class ScheduleStopTimeout(msgspec.Struct, frozen=True, gc=False):
     """Call ``stop_timeout`` after ``delay`` seconds unless the session finished by then."""
 
     delay: float
 
 
-@dataclass(frozen=True, slots=True)
-class Committed:
+class Committed(msgspec.Struct, frozen=True, gc=False):
     """A transaction that carried events was read to its Commit (for latency and lag)."""
 
     end_lsn: Lsn
@@ -118,8 +112,7 @@ class Committed:
     events: int
 
 
-@dataclass(frozen=True, slots=True)
-class Acked:
+class Acked(msgspec.Struct, frozen=True, gc=False):
     """Acks arrived: ``count`` more events are confirmed; the confirmed point is ``confirmed``."""
 
     count: int
@@ -127,14 +120,12 @@ class Acked:
     confirmed: Lsn
 
 
-@dataclass(frozen=True, slots=True)
-class Progressed:
+class Progressed(msgspec.Struct, frozen=True, gc=False):
     """The session made progress a health check can trust (confirmed point moved, or the
     server answered while nothing was owed)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Finish:
+class Finish(msgspec.Struct, frozen=True, gc=False):
     """Close both sides. ``final_flush``: send one last status update with it first (None when
     streaming never started). ``error``: why, or None for a clean stop."""
 
@@ -161,8 +152,7 @@ Effect = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """What the restart policy needs to know about a finished session."""
 
     healthy: bool  # it did useful work: the next failure starts the backoff afresh
@@ -434,7 +424,8 @@ class Pipeline:
         tracker.commit(end_lsn)
         tx = self._tx
         if self._tx_events and tx is not None:
-            self._out.append(Committed(end_lsn, tx.committed_at.timestamp(), self._tx_events))
+            committed_at = tx.commit_time / 1e6 + PG_EPOCH_UNIX
+            self._out.append(Committed(end_lsn, committed_at, self._tx_events))
         self._tx = None
         if self.phase is Phase.DRAINING:
             self.phase = Phase.SETTLING
