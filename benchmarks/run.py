@@ -14,11 +14,16 @@ cdc-relay  backlog drain (N committed events, then the relay starts; time from i
            10-event transactions for T s; an independent consumer measures commit→receipt
            latency); the same steady load through the polling relay
 scale      drain time, peak RSS (VmHWM) and CPU µs/event at larger N and for one huge transaction
+shapes     the shapes outboxes really have (1, 3 and 1,000 events per transaction, one huge
+           transaction, 2 KB and 64 KB payloads), each drained by cdc-relay in interleaved rounds
+           with two raw pika ceilings of the same N and payload: the relay's exact message shape,
+           and a minimal message (payload as the body, two properties); relay and walsender CPU
+           per event; the relay's idle CPU and its start-up time (spawn → ``streaming``)
 
 Output: a table on stdout, ``<out>/<timestamp>.json`` and ``<out>/latest.json``, and
 ``<out>/latest.png`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 
-    python -m benchmarks.run [--quick] [--payload 150|1024|16384] [--out benchmarks/results]
+    python -m benchmarks.run [--quick] [--only shapes] [--payload 150|1024|16384] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import report
-from benchmarks.probe import CLK_TCK, Broker
+from benchmarks.probe import CLK_TCK, Broker, cpu_seconds
 from benchmarks.procs import (
     REPO,
     CdcRelay,
@@ -72,8 +77,52 @@ SCALE_CEILING_MAX = 1_000_000
 STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
+SECTIONS = ("main", "shapes")  # what a full run does; ``--only shapes`` runs the second alone
 
 Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of outbox traffic, judged against two raw pika ceilings of the same N and
+    payload; its results are ``shape_<key>_same``, ``shape_<key>_minimal``, ``shape_<key>_relay``.
+    """
+
+    key: str
+    label: str
+    n: int
+    txn_size: int  # events per transaction; >= n is one single transaction
+    payload: int  # approximate payload bytes
+    bytes_target: bool = False  # also judged in message-body bytes per second
+
+
+def _count(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return f"{n:,}"
+
+
+def make_shapes(quick: bool, payload: int, n: int, big_txn: int) -> tuple[Shape, ...]:
+    """The shapes section: ``n`` events in transactions of 1, 3 and 1,000 events, one
+    transaction of ``big_txn`` rows, and 2 KB / 64 KB payloads one event per transaction."""
+    p = f"{payload:,} B"
+    return (
+        Shape("txn1", f"1 ev/txn, {p}", n, 1, payload),
+        Shape("txn3", f"3 ev/txn, {p}", n, 3, payload),
+        Shape("txn1000", f"1,000 ev/txn, {p}", n, 1000, payload),
+        Shape("bigtxn", f"one txn of {_count(big_txn)} rows, {p}", big_txn, big_txn, payload),
+        Shape(
+            "kb2",
+            "2 KB payload, 1 ev/txn",
+            10_000 if quick else 50_000,
+            1,
+            2048,
+            bytes_target=True,
+        ),
+        Shape("kb64", "64 KB payload, 1 ev/txn", 2_000 if quick else 10_000, 1, 65536),
+    )
 
 
 @dataclass(frozen=True)
@@ -91,33 +140,43 @@ class Plan:
     poll_idle: float = 0.01  # the polling relays' sleep after an empty poll
     # the steady-load comparison runs the polling relay at each of these sleeps
     steady_poll_idles: tuple[float, ...] = (0.01, 0.1)
+    sections: tuple[str, ...] = SECTIONS
+    shapes: tuple[Shape, ...] = ()
+    idle_seconds: float = 10.0  # cdc-relay's idle cost, measured once per round
 
     @staticmethod
     def make(
-        quick: bool, payload: int, rate: float, seconds: float | None, poll_idle: float = 0.01
+        quick: bool,
+        payload: int,
+        rate: float,
+        seconds: float | None,
+        poll_idle: float = 0.01,
+        only: str | None = None,
     ) -> Plan:
         # large payloads shrink N so a run stays within its disk and time budget
         shrink = 1 if payload <= 256 else 4 if payload <= 2048 else 32
         extra = () if poll_idle == STEADY_POLL_IDLE else (STEADY_POLL_IDLE,)
+        backlog = (20_000 if quick else 100_000) // shrink
+        big_txn = (100_000 if quick else 1_000_000) // shrink
         common: dict[str, Any] = {
             **{"quick": quick, "payload": payload, "rate": rate, "txn_size": 10},
             "poll_idle": poll_idle,
             "steady_poll_idles": (poll_idle, *extra),
+            "sections": SECTIONS if only is None else (only,),
+            "shapes": make_shapes(quick, payload, backlog, big_txn),
+            "backlog": backlog,
+            "big_txn": big_txn,
         }
         if quick:
             return Plan(
-                backlog=20_000 // shrink,
                 scale=(60_000 // shrink,),
-                big_txn=100_000 // shrink,
                 naive=max(2_000 // shrink, 100),
                 seconds=seconds or 10.0,
                 rounds=2,
                 **common,
             )
         return Plan(
-            backlog=100_000 // shrink,
             scale=(1_000_000 // shrink,),
-            big_txn=1_000_000 // shrink,
             naive=max(5_000 // shrink, 500),
             seconds=seconds or 30.0,
             rounds=3,
@@ -245,8 +304,8 @@ class Bench:
         finally:
             self.broker.delete_queue(q)
 
-    def backlog(self, table: str, n: int, txn_size: int) -> Result:
-        seconds = write_backlog(self.sql, table, n, txn_size, self.pad)
+    def backlog(self, table: str, n: int, txn_size: int, pad: int | None = None) -> Result:
+        seconds = write_backlog(self.sql, table, n, txn_size, self.pad if pad is None else pad)
         payload = average_payload(self.sql, table)
         self.sql.execute(f"VACUUM ANALYZE {table}")
         self.sql.execute("CHECKPOINT")
@@ -256,13 +315,23 @@ class Bench:
         return 60 + n / 2000
 
     # -- ceilings ------------------------------------------------------------------------------
-    def ceiling_pika(self, n: int) -> Result:
+    def ceiling_pika(
+        self,
+        n: int,
+        payload: int | None = None,
+        minimal: bool = False,
+        slot: str = "bench",
+    ) -> Result:
+        """Raw pika with pipelined confirms: the relay's message shape (``slot``: the slot
+        name its envelope carries), or with ``minimal`` the payload alone and two properties."""
         settled = self.settle()
+        payload = self.plan.payload if payload is None else payload
         with self.queue("pika") as q:
             args = ["pika", "--url", self.amqp, "--exchange", EXCHANGE, "--count", str(n)]
-            args += ["--window", str(WINDOW), "--payload", str(self.plan.payload)]
+            args += ["--window", str(WINDOW), "--payload", str(payload), "--slot", slot]
             args += ["--max-seconds", str(self.drain_timeout(n))]
-            pub = self.child("pika", "benchmarks.peers", args)
+            args += ["--minimal"] if minimal else []
+            pub = self.child("pika-minimal" if minimal else "pika", "benchmarks.peers", args)
             ready = pub.expect("ready", timeout=60 + n / 5000)
             t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=pub.alive)
             done = pub.expect("done", timeout=60)
@@ -274,6 +343,10 @@ class Bench:
             "seconds": seconds,
             "rate": n / seconds,
             "body_bytes": ready.get("body_bytes"),
+            "properties": ready.get("properties"),
+            "headers": ready.get("headers"),
+            "minimal": minimal,
+            "payload": payload,
             "publisher_confirm_rate": done.get("rate"),
             "settle_s": round(settled, 1),
             "cpu_us_per_event": float(done.get("cpu_s", 0.0)) / n * 1e6,
@@ -324,11 +397,18 @@ class Bench:
         tracing: bool = False,
         sample: float = 1.0,
         settings: dict[str, str] | None = None,
+        payload: int | None = None,
     ) -> Result:
         """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
         (Jaeger's stand-in, its own process), with the SDK's default batch processor settings;
         ``sample`` < 1 keeps that fraction of traces (``parentbased_traceidratio``).
-        ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``)."""
+        ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``).
+        ``payload``: payload bytes of the events (default: the plan's).
+
+        Besides the relay's own CPU it reads the CPU of the walsender serving the relay's slot
+        (decoding included) over the same interval, the relay's start-up time (spawn → its
+        ``streaming`` record), and one message off the queue afterwards (body size, property
+        and header names: what the relay really sent)."""
         slot = f"bench_{label}"
         self.reset(OUTBOX)
         env = self._relay_env(slot)
@@ -347,20 +427,25 @@ class Bench:
                 if sample < 1:
                     otel["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
                     otel["OTEL_TRACES_SAMPLER_ARG"] = str(sample)
-            info = self.backlog(OUTBOX, n, txn_size)
+            pad = None if payload is None else pad_length(payload)
+            info = self.backlog(OUTBOX, n, txn_size, pad)
             info["settle_s"] = round(self.settle(), 1)
             with self.queue(label) as q:
                 spawned = time.time()
                 relay = self.relay(f"relay-{label}", slot, otel)
                 t0 = relay.wait_streaming()
                 cpu0 = relay.cpu()
+                walsender = self.walsender_pid(slot)
+                wal0 = _cpu_or_none(walsender)
                 t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
                 cpu1 = relay.cpu()
+                wal1 = _cpu_or_none(walsender)
                 rss = relay.peak_rss_mb()
                 relay.stop()  # flushes the spans still buffered, then exits
                 problems = relay.log_problems()
                 time.sleep(0.2)
                 final = self.broker.depth(q)
+                message = self.broker.sample(q) if final else None
                 if sink is not None:
                     sink.terminate()
                     done = sink.expect("done", 10)
@@ -384,13 +469,31 @@ class Bench:
             "seconds": seconds,
             "rate": n / seconds,
             "seconds_incl_startup": t1 - spawned,
+            "startup_s": t0 - spawned,
             "cpu_us_per_event": (cpu1 - cpu0) / n * 1e6,
             "cpu_total_us_per_event": cpu1 / n * 1e6,
+            "walsender_cpu_us_per_event": (
+                None if wal0 is None or wal1 is None else (wal1 - wal0) / n * 1e6
+            ),
             "peak_rss_mb": rss,
             "relay_log_problems": problems,
+            **({"message": message} if message else {}),
             **info,
             **traced,
         }
+
+    def walsender_pid(self, slot: str, timeout: float = 5.0) -> int | None:
+        """The pid of the walsender streaming ``slot`` (``pg_replication_slots.active_pid``),
+        once it has the slot; None if none holds it within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.sql.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                return int(row[0])
+            time.sleep(0.01)
+        return None
 
     def steady(self, kind: str, idle: float | None = None) -> Result:
         """Producer at ``rate`` → relay → consumer measuring latency.
@@ -499,17 +602,22 @@ class Bench:
 
     def idle_cost(self, kind: str, seconds: float = 5.0, idle: float | None = None) -> Result:
         """What a relay costs while nothing is written: its CPU, and the transactions it
-        makes the database run (``pg_stat_database.xact_commit``, less the probe's own)."""
+        makes the database run (``pg_stat_database.xact_commit``, less the probe's own).
+        For cdc-relay also its start-up time (spawn → ``streaming``) and its walsender's CPU."""
         table = POLL_OUTBOX if kind == "polling" else OUTBOX
         slot = "bench_idle"
+        startup: float | None = None
+        walsender: int | None = None
         self.reset(table)
         env = self._relay_env(slot)
         relay: Child
         try:
             if kind == "cdc":
                 relay_cli(env, "init", "--create-outbox")
+                spawned = time.time()
                 cdc = self.relay("relay-idle", slot)
-                cdc.wait_streaming()
+                startup = cdc.wait_streaming() - spawned
+                walsender = self.walsender_pid(slot)
                 relay = cdc
             else:
                 relay = self.child(
@@ -520,8 +628,10 @@ class Bench:
                 relay.expect("ready", 60)
             time.sleep(1.0)  # past start-up
             xacts0, cpu0, pg0 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
+            wal0 = _cpu_or_none(walsender)
             time.sleep(seconds)
             xacts1, cpu1, pg1 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
+            wal1 = _cpu_or_none(walsender)
             if isinstance(relay, CdcRelay):
                 relay.stop()
             else:
@@ -539,7 +649,12 @@ class Bench:
             **(
                 {"poll_idle_s": self.plan.poll_idle if idle is None else idle}
                 if kind == "polling"
-                else {}
+                else {
+                    "startup_s": startup,
+                    "walsender_cpu_ms_per_s": (
+                        None if wal0 is None or wal1 is None else (wal1 - wal0) / seconds * 1000
+                    ),
+                }
             ),
         }
 
@@ -613,6 +728,16 @@ class Bench:
         }
 
 
+def _cpu_or_none(pid: int | None) -> float | None:
+    """utime+stime of ``pid`` in seconds; None without a pid or once it is gone."""
+    if pid is None:
+        return None
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def tracing_off_path(txn_size: int) -> Result:
     """What tracing costs the relay when it is off, measured on the relay's own object.
 
@@ -673,6 +798,11 @@ def _step(
         r = results[key]
         if "rate" in r:
             extra = f"{r['rate']:,.0f} ev/s"
+            if r.get("walsender_cpu_us_per_event") is not None:
+                extra += (
+                    f", CPU µs/event: relay {r['cpu_us_per_event']:.1f}, "
+                    f"walsender {r['walsender_cpu_us_per_event']:.1f}"
+                )
         elif "commit_latency_ms" in r:
             extra = f"p99 {r['commit_latency_ms']['p99']:.1f} ms (commit)"
         elif "created_latency_ms" in r:
@@ -682,6 +812,8 @@ def _step(
                 f"{r['db_xacts_per_s']:.0f} db xacts/s, CPU ms/s: relay "
                 f"{r['cpu_ms_per_s']:.1f}, postgres {r['postgres_cpu_ms_per_s']:.1f}"
             )
+            if r.get("startup_s") is not None:
+                extra += f"; start-up {r['startup_s']:.2f} s"
         elif "ns_per_event" in r:
             extra = f"{r['ns_per_event']:.0f} ns/event"
         print(f" {extra} [{time.monotonic() - t:.0f}s]", flush=True)
@@ -693,9 +825,60 @@ def _step(
         bench.end_children()
 
 
-def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result]]]:
+Step = tuple[str, str, Callable[[], Result]]
+
+
+def _steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Every step of the plan's sections; ``key#r`` keys are rounds, combined after the run."""
+    steps: list[Step] = []
+    if "main" in plan.sections:
+        steps += _main_steps(bench, plan)
+    if "shapes" in plan.sections:
+        steps += _shape_steps(bench, plan)
+    return steps
+
+
+def _shape_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Round after round: for each shape the same-shape ceiling, the minimal ceiling, then the
+    relay, all at the shape's N and payload; then the relay idle. A change in machine load hits
+    a shape's three publishers alike, and every shape once per round."""
+    steps: list[Step] = []
+    for r in range(1, plan.rounds + 1):
+        tag = f" (round {r}/{plan.rounds})"
+        for shape in plan.shapes:
+            key, label, n = f"shape_{shape.key}", f"s_{shape.key}", shape.n
+            steps += [
+                (
+                    f"{key}_same#{r}",
+                    f"shape {shape.label}: ceiling, relay's message shape, N={n:,}{tag}",
+                    partial(bench.ceiling_pika, n, shape.payload, False, f"bench_{label}"),
+                ),
+                (
+                    f"{key}_minimal#{r}",
+                    f"shape {shape.label}: ceiling, minimal message, N={n:,}{tag}",
+                    partial(bench.ceiling_pika, n, shape.payload, True),
+                ),
+                (
+                    f"{key}_relay#{r}",
+                    f"shape {shape.label}: cdc-relay, N={n:,}{tag}",
+                    partial(bench.cdc_drain, label, n, shape.txn_size, payload=shape.payload),
+                ),
+            ]
+        steps.append(
+            (
+                f"cdc_idle#{r}",
+                f"cdc-relay idle for {plan.idle_seconds:.0f} s{tag}",
+                partial(bench.idle_cost, "cdc", plan.idle_seconds),
+            )
+        )
+    return steps
+
+
+def _main_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """The comparison with ceilings and peers, latency, tracing and scale. The relay's idle
+    cost and its one huge transaction are measured in the shapes section, in rounds."""
     n = plan.backlog
-    steps: list[tuple[str, str, Callable[[], Result]]] = []
+    steps: list[Step] = []
     # the headline comparison, interleaved so that a change in machine load hits all three
     for r in range(1, plan.rounds + 1):
         tag = f" (round {r}/{plan.rounds})"
@@ -757,7 +940,6 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
         ("floor_steady", f"latency floor: raw pika at {rate}", partial(bench.steady, "floor")),
         ("cdc_steady", f"cdc-relay steady {rate}", partial(bench.steady, "cdc")),
     ]
-    steps.append(("cdc_idle", "cdc-relay idle for 5 s", partial(bench.idle_cost, "cdc")))
     steps.append(
         (
             "polling_idle",
@@ -796,14 +978,49 @@ def _steps(bench: Bench, plan: Plan) -> list[tuple[str, str, Callable[[], Result
             partial(bench.ceiling_recvlogical, plan.big_txn, plan.big_txn),
         )
     )
-    steps.append(
-        (
-            "cdc_big_txn",
-            f"cdc-relay one transaction of {plan.big_txn:,} rows",
-            partial(bench.cdc_drain, "bigtxn", plan.big_txn, plan.big_txn),
-        )
-    )
     return steps
+
+
+def _combine_rounds(results: dict[str, Result]) -> None:
+    """Replace every ``key#r`` with one ``key``: the median of its rounds (``_combine``, or
+    ``_combine_idle`` for idle-cost rounds), every round kept in ``samples``."""
+    groups: dict[str, list[Result]] = {}
+    for key in [k for k in results if "#" in k]:
+        groups.setdefault(key.split("#", 1)[0], []).append(results.pop(key))
+    for key, samples in groups.items():
+        if any("cpu_ms_per_s" in s for s in samples):
+            results[key] = _combine_idle(samples)
+            continue
+        combined = _combine(samples)
+        rss = [s["peak_rss_mb"] for s in samples if "error" not in s and s.get("peak_rss_mb")]
+        if rss and "samples" in combined:
+            combined["peak_rss_mb"] = max(rss)  # the worst round, for the peak RSS target
+        results[key] = combined
+
+
+_IDLE_FIELDS = (
+    "cpu_ms_per_s",
+    "db_xacts_per_s",
+    "postgres_cpu_ms_per_s",
+    "walsender_cpu_ms_per_s",
+    "startup_s",
+)
+
+
+def _combine_idle(samples: list[Result]) -> Result:
+    """Rounds of an idle measurement → the median of each figure; every round in ``samples``."""
+    ok = [s for s in samples if "error" not in s]
+    if not ok:
+        return samples[0]
+    out: Result = dict(ok[0])
+    for field in _IDLE_FIELDS:
+        values = [float(s[field]) for s in ok if s.get(field) is not None]
+        if values:
+            out[field] = statistics.median(values)
+    out["round_cpu_ms_per_s"] = [float(s["cpu_ms_per_s"]) for s in ok]
+    out["failed_rounds"] = len(samples) - len(ok)
+    out["samples"] = samples
+    return out
 
 
 def _combine(samples: list[Result]) -> Result:
@@ -839,9 +1056,12 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
             "other work on this machine makes every figure noisier (ratios less so)"
         )
     print(
-        f"cdc-relay benchmark ({'quick' if plan.quick else 'full'}): payload ~{plan.payload} B, "
-        f"backlog N={plan.backlog:,}, steady {plan.rate:,.0f} ev/s x {plan.seconds:.0f} s, "
-        f"window {WINDOW}, poll idle {plan.poll_idle * 1000:.0f} ms; servers under {root}",
+        f"cdc-relay benchmark ({'quick' if plan.quick else 'full'}"
+        f"{'' if plan.sections == SECTIONS else ', only ' + ', '.join(plan.sections)}): "
+        f"payload ~{plan.payload} B, backlog N={plan.backlog:,}, "
+        f"steady {plan.rate:,.0f} ev/s x {plan.seconds:.0f} s, "
+        f"window {WINDOW}, poll idle {plan.poll_idle * 1000:.0f} ms, {plan.rounds} rounds; "
+        f"servers under {root}",
         flush=True,
     )
     try:
@@ -849,10 +1069,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         if "error" not in results["servers"]:
             for key, title, fn in _steps(bench, plan):
                 _step(bench, results, key, title, fn)
-            for key in ("ceiling_pika", "cdc_backlog", "cdc_traced", "polling_backlog"):
-                results[key] = _combine(
-                    [results.pop(f"{key}#{r}") for r in range(1, plan.rounds + 1)]
-                )
+            _combine_rounds(results)
     finally:
         print("  stopping servers ...", flush=True)
         bench.stop()
@@ -872,11 +1089,20 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         "total_s": round(time.monotonic() - t_run, 1),
         **bench.meta,
     }
-    rows = report.rows(results, plan)
-    targets = report.targets(results, plan)
+    main_section = "main" in plan.sections
+    rows = report.rows(results, plan) if main_section else []
+    targets = report.targets(results, plan) if main_section else []
+    shape_rows: list[Result] = []
+    if "shapes" in plan.sections:
+        shape_rows = report.shape_rows(results, plan)
+        targets += report.shape_targets(results, plan)
     print()
-    print(report.table(rows))
-    print()
+    if main_section:
+        print(report.table(rows))
+        print()
+    if shape_rows:
+        print(report.shapes_table(shape_rows, results, plan))
+        print()
     print(report.targets_text(targets))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
@@ -884,17 +1110,20 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         "meta": meta,
         "results": results,
         "rows": rows,
+        "shape_rows": shape_rows,
         "targets": targets,
         "anomalies": anomalies,
     }
     text = json.dumps(doc, indent=2, default=str)
-    (out_dir / f"{stamp}.json").write_text(text)
-    (out_dir / "latest.json").write_text(text)
-    written = [out_dir / f"{stamp}.json", out_dir / "latest.json"]
-    png = report.plot(doc, out_dir / "latest.png")
+    # a partial run (--only) does not replace the full run's latest.json
+    suffix = "" if plan.sections == SECTIONS else "-" + "-".join(plan.sections)
+    (out_dir / f"{stamp}{suffix}.json").write_text(text)
+    (out_dir / f"latest{suffix}.json").write_text(text)
+    written = [out_dir / f"{stamp}{suffix}.json", out_dir / f"latest{suffix}.json"]
+    png = report.plot(doc, out_dir / "latest.png") if main_section else None
     if png is not None:
         written.append(png)
-    else:
+    elif main_section:
         print("(no plot: matplotlib is missing; install it with: pip install -e '.[bench]')")
     print("\nwrote " + ", ".join(str(p) for p in written))
     if anomalies:
@@ -928,6 +1157,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.01,
         help="seconds the polling relays sleep after an empty poll (default 0.01)",
     )
+    parser.add_argument(
+        "--only",
+        choices=["shapes"],
+        help="run one section: 'shapes' (the outbox shapes against their two ceilings, the "
+        "relay's idle cost and start-up time)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(
         "--sandbox-dir", type=Path, help="parent directory for the servers (default: system tmp)"
@@ -939,7 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 300]")
     if not 0 < args.poll_idle <= 5:
         parser.error("--poll-idle must be in (0, 5]")
-    plan = Plan.make(args.quick, args.payload, args.rate, args.seconds, args.poll_idle)
+    plan = Plan.make(
+        args.quick, args.payload, args.rate, args.seconds, args.poll_idle, only=args.only
+    )
     return run(plan, args.out, args.sandbox_dir)
 
 

@@ -34,8 +34,9 @@ class Lsn(int):
         return cls((int(m.group(1), 16) << 32) | int(m.group(2), 16))
 
     def __str__(self) -> str:
-        v = int(self)
-        return f"{v >> 32:X}/{v & 0xFFFFFFFF:X}"
+        # twice per event on the hot path: %-formatting is about twice as fast as an f-string
+        # with format specs here
+        return "%X/%X" % (self >> 32, self & 0xFFFFFFFF)  # noqa: UP031
 
     def __repr__(self) -> str:
         return f"Lsn('{self}')"
