@@ -2,7 +2,9 @@
 
 Every throughput row is shown as a ratio against the raw pika ceiling and against the polling
 relay measured in the same run; latency rows as a ratio of p99s against the polling relay at the
-same offered load (below 1 means lower latency than polling).
+same offered load (below 1 means lower latency than polling). The shapes section has its own
+table: each shape's relay drain against its two ceilings (the relay's message shape and a
+minimal message), median of the interleaved rounds, every round shown.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from benchmarks.run import Plan
+    from benchmarks.run import Plan, Shape
 
 Result = dict[str, Any]
 Row = dict[str, Any]
@@ -209,11 +211,22 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
         "ceiling_recvlogical_big_txn", f"ceiling: pg_recvlogical, one txn of {_n(plan.big_txn)}"
     )
     throughput(
-        "cdc_big_txn",
+        big_txn_key(results),
         f"cdc-relay drain: one txn of {_n(plan.big_txn)} rows",
         pika_key=f"ceiling_pika_{plan.big_txn}",
     )
     return out
+
+
+BIG_TXN_SHAPE = "shape_bigtxn_relay"
+
+
+def big_txn_key(results: dict[str, Result]) -> str:
+    """The relay's one-huge-transaction drain: a standalone ``cdc_big_txn`` where one ran,
+    else the shapes section's (the same drain, in rounds)."""
+    if "cdc_big_txn" in results or BIG_TXN_SHAPE not in results:
+        return "cdc_big_txn"
+    return BIG_TXN_SHAPE
 
 
 def polling_steady_key(index: int, idle: float) -> str:
@@ -341,7 +354,8 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
     drains = [
         (k, v)
         for k, v in results.items()
-        if (k == "cdc_backlog" or k.startswith("cdc_scale_") or k == "cdc_big_txn") and _ok(v)
+        if (k in ("cdc_backlog", "cdc_big_txn", BIG_TXN_SHAPE) or k.startswith("cdc_scale_"))
+        and _ok(v)
     ]
     if drains:
         _, v = max(drains, key=lambda kv: (kv[1]["n"], kv[1]["peak_rss_mb"]))
@@ -355,7 +369,11 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
         )
     else:
         add("peak RSS <= 150 MB at 1M events", None, "n/a (no drain succeeded)")
-    batched = sorted((v["n"], v["seconds"]) for k, v in drains if k != "cdc_big_txn" and v["n"] > 0)
+    batched = sorted(
+        (v["n"], v["seconds"])
+        for k, v in drains
+        if k not in ("cdc_big_txn", BIG_TXN_SHAPE) and v["n"] > 0
+    )
     if len(batched) >= 2:
         (n1, s1), (n2, s2) = batched[0], batched[-1]
         growth = (s2 / n2) / (s1 / n1)
@@ -454,6 +472,11 @@ def anomalies(results: dict[str, Result]) -> list[str]:
             for line in s.get("relay_log_problems") or []:
                 if not any(w in line for w in EXPECTED_WARNINGS):
                     out.append(f"{key}: relay log: {line}")
+    for key, r in results.items():
+        if key.startswith("shape_") and key.endswith("_relay"):
+            diff = shape_mismatch(results.get(key[: -len("_relay")] + "_same"), r)
+            if diff:
+                out.append(f"{key}: the same-shape ceiling does not send the relay's shape: {diff}")
     return out
 
 
@@ -554,3 +577,340 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- the shapes section -------------------------------------------------------------------------
+SAME_TARGET = 0.95  # relay / the ceiling with the relay's exact message shape
+MINIMAL_TARGET = 0.90  # relay / the minimal ceiling (payload as the body, two properties)
+BYTES_TARGET = 0.90  # message-body bytes per second, for the shapes judged in bytes
+BODY_SIZE_TOLERANCE = 0.05  # the same-shape ceiling's body may differ this much from the relay's
+
+
+def shape_keys(shape: Shape) -> tuple[str, str, str]:
+    """Result keys of a shape: same-shape ceiling, minimal ceiling, relay."""
+    k = f"shape_{shape.key}"
+    return f"{k}_same", f"{k}_minimal", f"{k}_relay"
+
+
+def _per_round(r: Result | None, get: Callable[[Result], Any]) -> list[float | None]:
+    """One value per round of a (possibly combined) result; None for a round that failed or
+    lacks the value; [] when the scenario did not run."""
+    if r is None:
+        return []
+    out: list[float | None] = []
+    for s in r.get("samples") or [r]:
+        v = get(s) if _ok(s) else None
+        out.append(None if v is None else float(v))
+    return out
+
+
+def _field(name: str) -> Callable[[Result], Any]:
+    return lambda s: s.get(name)
+
+
+def _body_bytes(s: Result) -> Any:
+    """A relay drain's body size comes from the message it left on the queue; a ceiling's
+    from its own report."""
+    return (s.get("message") or {}).get("body_bytes") if "message" in s else s.get("body_bytes")
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
+def _pairs(a: list[float | None], b: list[float | None]) -> list[float | None]:
+    """Round-by-round ratios a / b; None where either round failed."""
+    return [x / y if x is not None and y else None for x, y in zip(a, b, strict=False)]
+
+
+def shape_mismatch(same: Result | None, relay: Result | None) -> str | None:
+    """How the same-shape ceiling's messages differ from the relay's (property names, header
+    names, body size beyond ``BODY_SIZE_TOLERANCE``); None when they match or when either side
+    did not record its message."""
+    ceilings = [s for s in (same or {}).get("samples") or [same or {}] if _ok(s)]
+    relays = [s for s in (relay or {}).get("samples") or [relay or {}] if _ok(s)]
+    c = next((s for s in ceilings if s.get("properties") is not None), None)
+    m = next((s["message"] for s in relays if s.get("message")), None)
+    if c is None or m is None:
+        return None
+    problems = []
+    if sorted(c["properties"]) != sorted(m["properties"]):
+        problems.append(f"properties {sorted(c['properties'])} vs {sorted(m['properties'])}")
+    if sorted(c.get("headers") or []) != sorted(m["headers"]):
+        problems.append(f"headers {sorted(c.get('headers') or [])} vs {sorted(m['headers'])}")
+    cb, rb = c.get("body_bytes"), m["body_bytes"]
+    if cb and rb and abs(cb - rb) / rb > BODY_SIZE_TOLERANCE:
+        problems.append(f"body {cb:,} B vs the relay's {rb:,} B")
+    return "; ".join(problems) or None
+
+
+def _error(r: Result | None) -> str | None:
+    """The first error of a scenario none of whose rounds succeeded."""
+    if r is None or any(_ok(s) for s in r.get("samples") or [r]):
+        return None
+    for s in r.get("samples") or [r]:
+        if "error" in s:
+            return str(s["error"])
+    return None
+
+
+def _errors(**sides: Result | None) -> dict[str, str]:
+    """{side: error} for each side none of whose rounds succeeded."""
+    return {k: e for k, r in sides.items() if (e := _error(r))}
+
+
+def shape_rows(results: dict[str, Result], plan: Plan) -> list[Row]:
+    """One row per shape that ran (medians, every round, ratios, CPU per event, bodies), then
+    the relay's idle cost and its start-up time."""
+    out: list[Row] = []
+    starts: list[float | None] = []
+    for shape in plan.shapes:
+        same, minimal, relay = (results.get(k) for k in shape_keys(shape))
+        if same is None and minimal is None and relay is None:
+            continue
+        rates = {
+            "same": _per_round(same, _field("rate")),
+            "minimal": _per_round(minimal, _field("rate")),
+            "relay": _per_round(relay, _field("rate")),
+        }
+        median = {k: _median(v) for k, v in rates.items()}
+        relay_cpu = _per_round(relay, _field("cpu_us_per_event"))
+        walsender = _per_round(relay, _field("walsender_cpu_us_per_event"))
+        bodies = {
+            "relay": _median(_per_round(relay, _body_bytes)),
+            "same": _median(_per_round(same, _body_bytes)),
+            "minimal": _median(_per_round(minimal, _body_bytes)),
+        }
+        starts += _per_round(relay, _field("startup_s"))
+        row: Row = {
+            "key": f"shape_{shape.key}",
+            "label": shape.label,
+            "n": shape.n,
+            "txn_size": shape.txn_size,
+            "payload": shape.payload,
+            "round_rates": rates,
+            "relay_rate": median["relay"],
+            "same_rate": median["same"],
+            "minimal_rate": median["minimal"],
+            "vs_same": _ratio(median["relay"], median["same"]),
+            "vs_minimal": _ratio(median["relay"], median["minimal"]),
+            "round_vs_same": _pairs(rates["relay"], rates["same"]),
+            "round_vs_minimal": _pairs(rates["relay"], rates["minimal"]),
+            "relay_cpu_us_per_event": _median(relay_cpu),
+            "round_relay_cpu_us_per_event": relay_cpu,
+            "walsender_cpu_us_per_event": _median(walsender),
+            "round_walsender_cpu_us_per_event": walsender,
+            "publisher_cpu_us_per_event": {
+                "same": _median(_per_round(same, _field("cpu_us_per_event"))),
+                "minimal": _median(_per_round(minimal, _field("cpu_us_per_event"))),
+            },
+            "body_bytes": bodies,
+            "shape_mismatch": shape_mismatch(same, relay),
+            "errors": _errors(same=same, minimal=minimal, relay=relay),
+        }
+        if shape.bytes_target:
+            bps: dict[str, float | None] = {}
+            for k, b in bodies.items():
+                m = median[k]
+                bps[k] = m * b if m is not None and b else None
+            row["bytes_per_s"] = bps
+            row["bytes_vs_same"] = _ratio(bps["relay"], bps["same"])
+            row["bytes_vs_minimal"] = _ratio(bps["relay"], bps["minimal"])
+        out.append(row)
+    idle = results.get("cdc_idle")
+    if idle is not None:
+        idle_starts = _per_round(idle, _field("startup_s"))
+        starts += idle_starts
+        cpu = _per_round(idle, _field("cpu_ms_per_s"))
+        out.append(
+            {
+                "key": "cdc_idle",
+                "label": "idle",
+                "seconds": idle.get("seconds"),
+                "relay_cpu_ms_per_s": _median(cpu),
+                "round_relay_cpu_ms_per_s": cpu,
+                "walsender_cpu_ms_per_s": _median(
+                    _per_round(idle, _field("walsender_cpu_ms_per_s"))
+                ),
+                "postgres_cpu_ms_per_s": _median(_per_round(idle, _field("postgres_cpu_ms_per_s"))),
+                "db_xacts_per_s": _median(_per_round(idle, _field("db_xacts_per_s"))),
+                "round_startup_s": idle_starts,
+                "errors": {"idle": e} if (e := _error(idle)) else {},
+            }
+        )
+    measured = sorted(x for x in starts if x is not None)
+    if measured:
+        out.append(
+            {
+                "key": "startup",
+                "label": "start-up",
+                "startup_s": statistics.median(measured),
+                "starts": len(measured),
+                "min_s": measured[0],
+                "max_s": measured[-1],
+            }
+        )
+    return out
+
+
+def _r(x: float | None) -> str:
+    return "failed" if x is None else f"{x:.2f}x"
+
+
+def _rate_text(x: float | None) -> str:
+    return "failed" if x is None else f"{x:,.0f}"
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _mb(x: float | None) -> str:
+    return "–" if x is None else f"{x / 1e6:.1f} MB/s"
+
+
+def shapes_table(table_rows: list[Row], plan: Plan) -> str:
+    """The shapes section as text: one line of medians per shape and, under it, every round."""
+    head = (
+        f"{'shape':<30} {'N':>6} {'relay ev/s':>10} {'same ev/s':>10} {'min ev/s':>10} "
+        f"{'vs same':>8} {'vs min':>7} {'relay µs/ev':>11} {'walsender µs/ev':>15}"
+    )
+    lines = [
+        f"shapes: cdc-relay against two raw pika ceilings at the same N and payload, median of "
+        f"{plan.rounds} interleaved rounds (ceiling same shape, ceiling minimal, relay)",
+        head,
+        "-" * len(head),
+    ]
+    for r in table_rows:
+        if r["key"] in ("cdc_idle", "startup"):
+            continue
+        lines.append(
+            f"{r['label']:<30} {_n(r['n']):>6} {_rate_text(r['relay_rate']):>10} "
+            f"{_rate_text(r['same_rate']):>10} {_rate_text(r['minimal_rate']):>10} "
+            f"{_fmt_ratio(r['vs_same']):>8} {_fmt_ratio(r['vs_minimal']):>7} "
+            f"{_num(r['relay_cpu_us_per_event']):>11} {_num(r['walsender_cpu_us_per_event']):>15}"
+        )
+        rr = r["round_rates"]
+        lines.append(
+            "    rounds ev/s: "
+            + " | ".join(
+                f"{name} {' '.join(_rate_text(x) for x in rr[k]) or 'not run'}"
+                for k, name in (("same", "same"), ("minimal", "minimal"), ("relay", "relay"))
+            )
+        )
+        lines.append(
+            f"    rounds: vs same {' '.join(_r(x) for x in r['round_vs_same'])} | vs minimal "
+            f"{' '.join(_r(x) for x in r['round_vs_minimal'])} | relay µs/ev "
+            f"{' '.join(_num(x) for x in r['round_relay_cpu_us_per_event'])} | walsender µs/ev "
+            f"{' '.join(_num(x) for x in r['round_walsender_cpu_us_per_event'])}"
+        )
+        b = r["body_bytes"]
+        check = (
+            f"DIFFERENT: {r['shape_mismatch']}"
+            if r["shape_mismatch"]
+            else "same properties and headers"
+            if b["relay"] is not None and b["same"] is not None
+            else "not compared"
+        )
+        pub = r["publisher_cpu_us_per_event"]
+        lines.append(
+            f"    bodies: relay {_num(b['relay'], 0)} B, same shape {_num(b['same'], 0)} B "
+            f"({check}), minimal {_num(b['minimal'], 0)} B; ceiling publishers' CPU µs/ev: "
+            f"same {_num(pub['same'])}, minimal {_num(pub['minimal'])}"
+        )
+        if "bytes_per_s" in r:
+            bps = r["bytes_per_s"]
+            lines.append(
+                f"    bytes/s (message bodies): relay {_mb(bps['relay'])}, same shape "
+                f"{_mb(bps['same'])} ({_fmt_ratio(r['bytes_vs_same'])}), minimal "
+                f"{_mb(bps['minimal'])} ({_fmt_ratio(r['bytes_vs_minimal'])})"
+            )
+        for name, err in r["errors"].items():
+            lines.append(f"    {name}: every round FAILED: {err[:100]}")
+    for r in table_rows:
+        if r["key"] == "cdc_idle":
+            if r["errors"]:
+                lines.append(f"idle: every round FAILED: {r['errors']['idle'][:100]}")
+                continue
+            lines.append(
+                f"idle, nothing written ({_num(r['seconds'], 0)} s per round): relay CPU "
+                f"{_num(r['relay_cpu_ms_per_s'])} ms/s (rounds "
+                f"{' '.join(_num(x) for x in r['round_relay_cpu_ms_per_s'])}), walsender "
+                f"{_num(r['walsender_cpu_ms_per_s'])} ms/s, all of PostgreSQL "
+                f"{_num(r['postgres_cpu_ms_per_s'])} ms/s, {_num(r['db_xacts_per_s'], 0)} db txn/s"
+            )
+        elif r["key"] == "startup":
+            idle = next((x for x in table_rows if x["key"] == "cdc_idle"), None)
+            rounds = (
+                f"idle rounds {' '.join(_num(x, 2) for x in idle['round_startup_s'])} s; "
+                if idle and idle.get("round_startup_s")
+                else ""
+            )
+            lines.append(
+                f'start-up, spawn of `cdc-relay run` → its "streaming" record: {rounds}median '
+                f"{r['startup_s']:.2f} s over all {r['starts']} starts in this section "
+                f"({r['min_s']:.2f}–{r['max_s']:.2f} s)"
+            )
+    lines.append(
+        "relay µs/ev: utime+stime of the relay process from its streaming record until the "
+        "queue holds N, / N;\nwalsender µs/ev: the same for the PostgreSQL walsender serving "
+        "the relay's slot (reading and decoding the WAL); min: the minimal ceiling."
+    )
+    return "\n".join(lines)
+
+
+def shape_targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
+    """Per shape: relay >= 0.95 x the same-shape ceiling and >= 0.90 x the minimal one (medians
+    of the rounds), and for the shapes judged in bytes >= 0.90 x both in body bytes/s.
+
+    A verdict needs at least two successful rounds of each side (one in a one-round plan):
+    fewer is n/a, whatever the number says."""
+    out: list[dict[str, Any]] = []
+    needed = min(plan.rounds, 2)
+    for r in shape_rows(results, plan):
+        if r["key"] in ("cdc_idle", "startup"):
+            continue
+        rr = r["round_rates"]
+        relay_ok = sum(x is not None for x in rr["relay"])
+        for side, threshold, what in (
+            ("same", SAME_TARGET, "same-shape ceiling"),
+            ("minimal", MINIMAL_TARGET, "minimal ceiling"),
+        ):
+            name = f"shape {r['label']}: >= {threshold:.2f} x {what}"
+            ceiling_ok = sum(x is not None for x in rr[side])
+            ratio = r[f"vs_{side}"]
+            if ratio is None or min(relay_ok, ceiling_ok) < needed:
+                why = (
+                    f"relay {relay_ok}, ceiling {ceiling_ok} of {plan.rounds} rounds succeeded"
+                    f" (a verdict needs {needed})"
+                )
+                out.append({"target": name, "met": None, "measured": f"n/a ({why})"})
+                continue
+            per_round = ", ".join(_r(x) for x in r[f"round_vs_{side}"])
+            out.append(
+                {
+                    "target": name,
+                    "met": ratio >= threshold,
+                    "measured": f"{ratio:.2f}x ({r['relay_rate']:,.0f} vs "
+                    f"{r[f'{side}_rate']:,.0f} ev/s, medians; per round {per_round})",
+                }
+            )
+        if "bytes_per_s" in r:
+            name = f"shape {r['label']}: >= {BYTES_TARGET:.2f} x both ceilings in bytes/s"
+            bs, bm = r["bytes_vs_same"], r["bytes_vs_minimal"]
+            counts = [sum(x is not None for x in rr[k]) for k in ("relay", "same", "minimal")]
+            if bs is None or bm is None or min(counts) < needed:
+                out.append({"target": name, "met": None, "measured": "n/a"})
+                continue
+            bps = r["bytes_per_s"]
+            out.append(
+                {
+                    "target": name,
+                    "met": bs >= BYTES_TARGET and bm >= BYTES_TARGET,
+                    "measured": f"same shape {bs:.2f}x, minimal {bm:.2f}x (relay "
+                    f"{_mb(bps['relay'])} vs {_mb(bps['same'])} / {_mb(bps['minimal'])} of "
+                    "message bodies, medians)",
+                }
+            )
+    return out

@@ -1101,7 +1101,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         print(report.table(rows))
         print()
     if shape_rows:
-        print(report.shapes_table(shape_rows, results, plan))
+        print(report.shapes_table(shape_rows, plan))
         print()
     print(report.targets_text(targets))
     out_dir.mkdir(parents=True, exist_ok=True)

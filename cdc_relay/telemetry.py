@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -73,24 +74,56 @@ class Stats:
         return max(0.0, (time.time() if now is None else now) - self.oldest_unconfirmed_commit)
 
 
+class LoopHistogram(Collector):
+    """A histogram that only the event loop writes, exposed like prometheus_client's own.
+
+    prometheus_client's ``Histogram.observe`` takes a lock for the sum and one per bucket it
+    passes: about 3 µs, paid once per transaction, which in the common one-event transaction
+    is once per event. Here an observation is a bisect and two additions; the scrape thread
+    reads plain integers (a scrape may see one observation half-counted, never a torn value).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self._name = name
+        self._doc = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._labels = [repr(b) for b in self._bounds]  # "0.005", "5.0": as prometheus_client
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # "le": a value on a bound is in
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts = list(self._counts)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for label, n in zip(self._labels, counts, strict=False):
+            cumulative += n
+            buckets.append((label, cumulative))
+        buckets.append(("+Inf", cumulative + counts[-1]))
+        yield HistogramMetricFamily(self._name, self._doc, buckets=buckets, sum_value=self._sum)
+
+
 class Metrics:
     """The registry behind ``/metrics``: histograms plus a collector over ``Stats``."""
 
     def __init__(self, stats: Stats, slot: str) -> None:
         self.stats = stats
         self.registry = CollectorRegistry(auto_describe=True)
-        self.confirm_latency = Histogram(
+        self.confirm_latency = LoopHistogram(
             "cdc_relay_confirm_latency_seconds",
             "Publish to broker confirm, per ack frame (newest message it confirms)",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            LATENCY_BUCKETS,
         )
-        self.commit_to_confirm = Histogram(
+        self.commit_to_confirm = LoopHistogram(
             "cdc_relay_commit_to_confirm_seconds",
             "Commit in PostgreSQL to the broker confirming the transaction's last event",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            LATENCY_BUCKETS,
         )
+        self.registry.register(self.confirm_latency)
+        self.registry.register(self.commit_to_confirm)
         self.registry.register(_StatsCollector(stats, slot))
 
 
