@@ -766,6 +766,10 @@ def _num(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _bytes(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f} B"
+
+
 def _mb(x: float | None) -> str:
     return "–" if x is None else f"{x / 1e6:.1f} MB/s"
 
@@ -815,8 +819,8 @@ def shapes_table(table_rows: list[Row], plan: Plan) -> str:
         )
         pub = r["publisher_cpu_us_per_event"]
         lines.append(
-            f"    bodies: relay {_num(b['relay'], 0)} B, same shape {_num(b['same'], 0)} B "
-            f"({check}), minimal {_num(b['minimal'], 0)} B; ceiling publishers' CPU µs/ev: "
+            f"    bodies: relay {_bytes(b['relay'])}, same shape {_bytes(b['same'])} "
+            f"({check}), minimal {_bytes(b['minimal'])}; ceiling publishers' CPU µs/ev: "
             f"same {_num(pub['same'])}, minimal {_num(pub['minimal'])}"
         )
         if "bytes_per_s" in r:
@@ -854,8 +858,9 @@ def shapes_table(table_rows: list[Row], plan: Plan) -> str:
             )
     lines.append(
         "relay µs/ev: utime+stime of the relay process from its streaming record until the "
-        "queue holds N, / N;\nwalsender µs/ev: the same for the PostgreSQL walsender serving "
-        "the relay's slot (reading and decoding the WAL); min: the minimal ceiling."
+        "queue holds N, / N;\nwalsender µs/ev: utime+stime of the PostgreSQL walsender serving "
+        "the relay's slot (reading and decoding the WAL), from its start until the queue holds "
+        "N, / N;\nmin: the minimal ceiling (the payload as the body, two properties)."
     )
     return "\n".join(lines)
 

@@ -405,8 +405,9 @@ class Bench:
         ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``).
         ``payload``: payload bytes of the events (default: the plan's).
 
-        Besides the relay's own CPU it reads the CPU of the walsender serving the relay's slot
-        (decoding included) over the same interval, the relay's start-up time (spawn → its
+        Besides the relay's own CPU it reads the CPU the walsender serving the relay's slot
+        used from its start to the end of the drain (reading and decoding the WAL), the
+        relay's start-up time (spawn → its
         ``streaming`` record), and one message off the queue afterwards (body size, property
         and header names: what the relay really sent)."""
         slot = f"bench_{label}"
@@ -436,9 +437,10 @@ class Bench:
                 t0 = relay.wait_streaming()
                 cpu0 = relay.cpu()
                 walsender = self.walsender_pid(slot)
-                wal0 = _cpu_or_none(walsender)
                 t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
                 cpu1 = relay.cpu()
+                # from the walsender's start: it serves this relay's connection alone, and it
+                # decodes ahead of the relay, some of it before its pid could be read
                 wal1 = _cpu_or_none(walsender)
                 rss = relay.peak_rss_mb()
                 relay.stop()  # flushes the spans still buffered, then exits
@@ -472,9 +474,7 @@ class Bench:
             "startup_s": t0 - spawned,
             "cpu_us_per_event": (cpu1 - cpu0) / n * 1e6,
             "cpu_total_us_per_event": cpu1 / n * 1e6,
-            "walsender_cpu_us_per_event": (
-                None if wal0 is None or wal1 is None else (wal1 - wal0) / n * 1e6
-            ),
+            "walsender_cpu_us_per_event": None if wal1 is None else wal1 / n * 1e6,
             "peak_rss_mb": rss,
             "relay_log_problems": problems,
             **({"message": message} if message else {}),

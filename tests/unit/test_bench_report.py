@@ -8,12 +8,13 @@ against known numbers without running a benchmark.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from benchmarks import report
-from benchmarks.run import Plan, _combine
+from benchmarks.run import Plan, _combine, _combine_idle, _combine_rounds
 
 Result = dict[str, Any]
 
@@ -749,3 +750,425 @@ def test_a_failed_round_of_a_combined_drain_is_an_anomaly() -> None:
     res = {**healthy(), "cdc_backlog": _combine([drain(rate=11_000.0), error(), drain()])}
     assert "cdc_backlog: 1 of 3 rounds failed" in report.anomalies(res)
     assert not any("rounds failed" in a for a in report.anomalies(healthy()))
+
+
+# -- the shapes section --------------------------------------------------------------------------
+# Builders in the shapes of Bench.ceiling_pika (same shape / minimal), cdc_drain with a payload
+# and Bench.idle_cost("cdc"); a shape's rounds are combined by _combine, as the harness does.
+
+RELAY_PROPS = [
+    "app_id",
+    "content_type",
+    "delivery_mode",
+    "headers",
+    "message_id",
+    "timestamp",
+    "type",
+]
+RELAY_HEADERS = ["aggregate_id", "aggregate_type", "source_lsn"]
+SHAPE_LABELS = {s.key: s.label for s in QUICK.shapes}
+
+
+def ceiling(n: int, rate: float, *, minimal: bool = False, body: int = 468) -> Result:
+    return {
+        "n": n,
+        "delivered": n,
+        "seconds": n / rate,
+        "rate": rate,
+        "body_bytes": body,
+        "properties": ["delivery_mode", "message_id"] if minimal else RELAY_PROPS,
+        "headers": [] if minimal else RELAY_HEADERS,
+        "minimal": minimal,
+        "publisher_confirm_rate": rate,
+        "cpu_us_per_event": 12.0 if minimal else 18.0,
+    }
+
+
+def shape_drain(
+    n: int,
+    rate: float,
+    *,
+    txn: int = 1,
+    cpu: float = 40.0,
+    walsender: float | None = 8.0,
+    body: int = 468,
+    startup: float = 0.6,
+    headers: list[str] | None = None,
+) -> Result:
+    r = drain(n, rate, txn=txn, cpu=cpu)
+    r.update(
+        startup_s=startup,
+        walsender_cpu_us_per_event=walsender,
+        message={
+            "body_bytes": body,
+            "properties": RELAY_PROPS,
+            "headers": RELAY_HEADERS if headers is None else headers,
+        },
+    )
+    return r
+
+
+def cdc_idle(cpu: float, startup: float = 0.5, walsender: float = 0.4) -> Result:
+    r = idle(0.2, cpu)
+    r.update(seconds=10.0, startup_s=startup, walsender_cpu_ms_per_s=walsender)
+    return r
+
+
+def shape_results(
+    plan: Plan = QUICK,
+    same: Sequence[float] = (10_000.0, 11_000.0),
+    minimal: Sequence[float] = (11_000.0, 11_800.0),
+    relay: Sequence[float] = (10_000.0, 10_600.0),
+) -> dict[str, Result]:
+    """Every shape of ``plan`` with the same round rates (by default relay/same 0.98, relay/
+    minimal 0.904: every target met), bodies of the relay's size, and the idle rounds."""
+    res: dict[str, Result] = {}
+    for shape in plan.shapes:
+        body = 468 + shape.payload - 150
+        key = f"shape_{shape.key}"
+        res[f"{key}_same"] = _combine([ceiling(shape.n, x, body=body) for x in same])
+        res[f"{key}_minimal"] = _combine(
+            [ceiling(shape.n, x, minimal=True, body=shape.payload - 8) for x in minimal]
+        )
+        res[f"{key}_relay"] = _combine(
+            [shape_drain(shape.n, x, txn=shape.txn_size, body=body) for x in relay]
+        )
+    res["cdc_idle"] = _combine_idle([cdc_idle(7.0, 0.5), cdc_idle(9.0, 0.7)])
+    return res
+
+
+def shape_row(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    found = [r for r in rows if r["key"] == key]
+    assert len(found) == 1
+    return found[0]
+
+
+def same_target(key: str) -> str:
+    return f"shape {SHAPE_LABELS[key]}: >= 0.95 x same-shape ceiling"
+
+
+def minimal_target(key: str) -> str:
+    return f"shape {SHAPE_LABELS[key]}: >= 0.90 x minimal ceiling"
+
+
+BYTES_2KB = "shape 2 KB payload, 1 ev/txn: >= 0.90 x both ceilings in bytes/s"
+
+
+def test_plan_shapes_quick_and_full() -> None:
+    """The six shapes with their N: 1M / 100k rows in the one transaction, 64 KB shrunk."""
+    quick = [(s.key, s.n, s.txn_size, s.payload) for s in QUICK.shapes]
+    assert quick == [
+        ("txn1", 20_000, 1, 150),
+        ("txn3", 20_000, 3, 150),
+        ("txn1000", 20_000, 1000, 150),
+        ("bigtxn", 100_000, 100_000, 150),
+        ("kb2", 10_000, 1, 2048),
+        ("kb64", 2_000, 1, 65536),
+    ]
+    full = {s.key: s.n for s in FULL.shapes}
+    assert (full["txn1"], full["bigtxn"], full["kb2"], full["kb64"]) == (
+        100_000,
+        1_000_000,
+        50_000,
+        10_000,
+    )
+    assert [s.key for s in QUICK.shapes if s.bytes_target] == ["kb2"]
+    assert QUICK.sections == ("main", "shapes")
+    only = Plan.make(quick=True, payload=150, rate=2000.0, seconds=None, only="shapes")
+    assert only.sections == ("shapes",)
+    assert (QUICK.rounds, FULL.rounds) == (2, 3)
+
+
+def test_every_shape_met() -> None:
+    """Relay at 0.98x the same-shape ceiling and 0.90x the minimal one: every target met,
+    in shape order, two lines per shape and the bytes line for 2 KB."""
+    out = report.shape_targets(shape_results(), QUICK)
+    expected: list[tuple[str, bool | None]] = []
+    for shape in QUICK.shapes:
+        expected += [(same_target(shape.key), True), (minimal_target(shape.key), True)]
+        if shape.key == "kb2":
+            expected.append((BYTES_2KB, True))
+    assert [(t["target"], t["met"]) for t in out] == expected
+
+
+@pytest.mark.parametrize(
+    ("relay", "met_same", "met_minimal"),
+    [
+        ((9_500.0, 11_500.0), True, True),  # median 10,500: 1.00x, 0.92x
+        ((9_900.0, 10_100.0), True, False),  # median 10,000: 0.952x, 0.877x
+        ((9_000.0, 10_000.0), False, False),  # median 9,500: 0.905x, 0.833x
+    ],
+)
+def test_shape_thresholds_use_medians(
+    relay: tuple[float, float], met_same: bool, met_minimal: bool
+) -> None:
+    """The verdicts divide the median of the relay's rounds by each ceiling's median
+    (same shape 10,500, minimal 11,400)."""
+    res = shape_results(same=(10_000.0, 11_000.0), minimal=(11_000.0, 11_800.0), relay=relay)
+    out = report.shape_targets(res, QUICK)
+    assert target(out, same_target("txn1"))["met"] is met_same
+    assert target(out, minimal_target("txn1"))["met"] is met_minimal
+
+
+def test_shape_threshold_exactly_met() -> None:
+    """Exactly 0.95 and exactly 0.90 count as met."""
+    res = shape_results(
+        same=(10_000.0, 10_000.0), minimal=(10_500.0, 10_600.0), relay=(9_500.0,) * 2
+    )
+    out = report.shape_targets(res, QUICK)
+    assert target(out, same_target("txn3"))["met"] is True
+    assert target(out, minimal_target("txn3"))["met"] is True  # 9,500 / 10,550 = 0.9005
+    res = shape_results(same=(10_000.0, 10_000.0), relay=(9_499.0, 9_499.0))
+    assert target(report.shape_targets(res, QUICK), same_target("txn3"))["met"] is False
+
+
+def test_shape_target_text_has_medians_and_every_round() -> None:
+    """Full mode: the median of three rounds (not the mean), and each round's own ratio."""
+    res = shape_results(
+        FULL,
+        same=(10_000.0, 12_000.0, 11_000.0),
+        minimal=(12_000.0, 12_500.0, 13_000.0),
+        relay=(8_000.0, 9_900.0, 11_000.0),
+    )
+    t = target(report.shape_targets(res, FULL), same_target("txn1"))
+    assert t["met"] is False  # 9,900 / 11,000 = 0.90 (the mean would be 9,633)
+    assert t["measured"] == ("0.90x (9,900 vs 11,000 ev/s, medians; per round 0.80x, 0.82x, 1.00x)")
+
+
+def test_shape_rows_every_round() -> None:
+    """A row carries every round's rate of each publisher, the per-round ratios, the medians
+    of relay and walsender CPU per event, and the bodies."""
+    res = shape_results()
+    res["shape_txn1_relay"] = _combine(
+        [shape_drain(N, 10_000.0, cpu=40.0, walsender=7.0), shape_drain(N, 10_600.0, cpu=50.0)]
+    )
+    row = shape_row(report.shape_rows(res, QUICK), "shape_txn1")
+    assert row["round_rates"] == {
+        "same": [10_000.0, 11_000.0],
+        "minimal": [11_000.0, 11_800.0],
+        "relay": [10_000.0, 10_600.0],
+    }
+    assert row["relay_rate"] == 10_300.0
+    assert row["vs_same"] == pytest.approx(10_300 / 10_500)
+    assert row["round_vs_same"] == pytest.approx([1.0, 10_600 / 11_000])
+    assert row["relay_cpu_us_per_event"] == 45.0
+    assert row["walsender_cpu_us_per_event"] == 7.5
+    assert row["body_bytes"] == {"relay": 468.0, "same": 468.0, "minimal": 142.0}
+    assert row["shape_mismatch"] is None
+    assert row["errors"] == {}
+    assert "bytes_per_s" not in row
+
+
+def test_shapes_table_prints_every_round() -> None:
+    """Each round's rate of each publisher appears in the table, under its shape's line."""
+    res = shape_results(
+        FULL, same=(10_001.0, 10_002.0, 10_003.0), minimal=(11_001.0, 11_002.0, 11_003.0),
+        relay=(9_501.0, 9_502.0, 9_503.0),
+    )  # fmt: skip
+    text = report.shapes_table(report.shape_rows(res, FULL), FULL)
+    lines = text.splitlines()
+    assert "median of 3 interleaved rounds" in lines[0]
+    for shape in FULL.shapes:
+        i = next(i for i, x in enumerate(lines) if x.startswith(shape.label))
+        assert lines[i + 1] == (
+            "    rounds ev/s: same 10,001 10,002 10,003 | minimal 11,001 11,002 11,003 | "
+            "relay 9,501 9,502 9,503"
+        )
+        assert lines[i + 2].startswith("    rounds: vs same 0.95x 0.95x 0.95x | vs minimal 0.86x")
+        assert "same properties and headers" in lines[i + 3]
+    assert "0.95x" in text
+
+
+def test_shape_failed_round_quick_is_na_and_printed() -> None:
+    """Quick mode (2 rounds): one failed relay round leaves one, too few for a verdict; the
+    failed round is printed as such."""
+    res = shape_results()
+    res["shape_txn3_relay"] = _combine([shape_drain(N, 10_000.0, txn=3), error()])
+    out = report.shape_targets(res, QUICK)
+    t = target(out, same_target("txn3"))
+    assert t == {
+        "target": same_target("txn3"),
+        "met": None,
+        "measured": "n/a (relay 1, ceiling 2 of 2 rounds succeeded (a verdict needs 2))",
+    }
+    rows = report.shape_rows(res, QUICK)
+    row = shape_row(rows, "shape_txn3")
+    assert row["round_rates"]["relay"] == [10_000.0, None]
+    assert row["round_vs_same"] == [1.0, None]
+    text = report.shapes_table(rows, QUICK)
+    assert "relay 10,000 failed" in text
+    assert "vs same 1.00x failed" in text
+    assert "shape_txn3_relay: 1 of 2 rounds failed" in report.anomalies(res)
+
+
+def test_shape_failed_round_full_still_judged() -> None:
+    """Full mode: two good rounds of three still give a verdict, from their median."""
+    res = shape_results(FULL, same=(10_000.0,) * 3, minimal=(10_000.0,) * 3, relay=(9_800.0,) * 3)
+    res["shape_txn1_same"] = _combine([ceiling(N, 10_000.0), error(), ceiling(N, 10_200.0)])
+    t = target(report.shape_targets(res, FULL), same_target("txn1"))
+    assert t["met"] is True  # 9,800 / 10,100
+    assert t["measured"].endswith("per round 0.98x, failed, 0.96x)")
+
+
+def test_shape_every_round_failed() -> None:
+    """A publisher none of whose rounds ran: the row says FAILED with the error, no verdict."""
+    res = shape_results()
+    res["shape_kb64_minimal"] = _combine([error("ChildError: pika died"), error()])
+    rows = report.shape_rows(res, QUICK)
+    row = shape_row(rows, "shape_kb64")
+    assert row["errors"] == {"minimal": "ChildError: pika died"}
+    assert row["minimal_rate"] is None and row["vs_minimal"] is None
+    text = report.shapes_table(rows, QUICK)
+    assert "    minimal: every round FAILED: ChildError: pika died" in text
+    out = report.shape_targets(res, QUICK)
+    assert target(out, minimal_target("kb64"))["met"] is None
+    assert target(out, same_target("kb64"))["met"] is True  # the other ceiling still judges
+
+
+def test_shape_not_run_has_no_row_or_target() -> None:
+    """A shape the run did not reach is left out, not reported as failed."""
+    res = {k: v for k, v in shape_results().items() if not k.startswith("shape_kb64")}
+    assert "shape_kb64" not in [r["key"] for r in report.shape_rows(res, QUICK)]
+    names = [t["target"] for t in report.shape_targets(res, QUICK)]
+    assert not any("64 KB" in n for n in names)
+    assert len(names) == 11
+
+
+@pytest.mark.parametrize(
+    ("relay", "met"), [((9_000.0, 9_000.0), True), ((8_000.0, 8_000.0), False)]
+)
+def test_two_kb_bytes_target(relay: tuple[float, float], met: bool) -> None:
+    """Bytes/s are rate x message body: the relay's (envelope) body against the same-shape
+    ceiling's equal one and the minimal ceiling's payload-only body."""
+    res = shape_results(same=(9_500.0, 9_500.0), minimal=(11_000.0, 11_000.0), relay=relay)
+    row = shape_row(report.shape_rows(res, QUICK), "shape_kb2")
+    assert row["body_bytes"] == {"relay": 2366.0, "same": 2366.0, "minimal": 2040.0}
+    assert row["bytes_per_s"]["relay"] == pytest.approx(relay[0] * 2366)
+    assert row["bytes_vs_minimal"] == pytest.approx(relay[0] * 2366 / (11_000 * 2040))
+    t = target(report.shape_targets(res, QUICK), BYTES_2KB)
+    assert t["met"] is met
+    same, minimal = relay[0] / 9_500, relay[0] * 2366 / (11_000 * 2040)
+    assert t["measured"].startswith(f"same shape {same:.2f}x, minimal {minimal:.2f}x (relay ")
+    text = report.shapes_table(report.shape_rows(res, QUICK), QUICK)
+    assert "    bytes/s (message bodies): relay " in text
+
+
+def test_two_kb_bytes_target_without_relay_body_is_na() -> None:
+    """No message sampled off the relay's queue: its bytes/s is unknown, no verdict."""
+    res = shape_results()
+    for s in res["shape_kb2_relay"]["samples"]:
+        del s["message"]
+    del res["shape_kb2_relay"]["message"]
+    assert target(report.shape_targets(res, QUICK), BYTES_2KB) == {
+        "target": BYTES_2KB,
+        "met": None,
+        "measured": "n/a",
+    }
+
+
+def test_same_shape_mismatch_is_shown_and_an_anomaly() -> None:
+    """The same-shape ceiling must send the relay's properties, headers and body size."""
+    res = shape_results()
+    assert not [a for a in report.anomalies(res) if "same-shape" in a]
+    res["shape_txn1_relay"] = _combine(
+        [shape_drain(N, 10_000.0, body=600, headers=[*RELAY_HEADERS, "traceparent"])] * 2
+    )
+    diff = report.shape_mismatch(res["shape_txn1_same"], res["shape_txn1_relay"])
+    assert diff == (
+        "headers ['aggregate_id', 'aggregate_type', 'source_lsn'] vs ['aggregate_id', "
+        "'aggregate_type', 'source_lsn', 'traceparent']; body 468 B vs the relay's 600 B"
+    )
+    assert f"shape_txn1_relay: the same-shape ceiling does not send the relay's shape: {diff}" in (
+        report.anomalies(res)
+    )
+    text = report.shapes_table(report.shape_rows(res, QUICK), QUICK)
+    assert "(DIFFERENT: headers" in text
+
+
+def test_shape_walsender_unknown() -> None:
+    """No walsender pid found: its column shows a dash, the relay's CPU is still there."""
+    res = shape_results()
+    res["shape_txn1_relay"] = _combine([shape_drain(N, 10_000.0, walsender=None)] * 2)
+    rows = report.shape_rows(res, QUICK)
+    assert shape_row(rows, "shape_txn1")["walsender_cpu_us_per_event"] is None
+    line = next(x for x in report.shapes_table(rows, QUICK).splitlines() if x.startswith("1 ev"))
+    assert line.split()[-2:] == ["40.0", "–"]
+
+
+def test_idle_and_startup_rows() -> None:
+    """Idle: the relay's own CPU ms/s, median of the rounds with each round; start-up: the
+    median over every relay start of the section (idle rounds and drains)."""
+    res = shape_results()
+    rows = report.shape_rows(res, QUICK)
+    idle_r = shape_row(rows, "cdc_idle")
+    assert idle_r["relay_cpu_ms_per_s"] == 8.0
+    assert idle_r["round_relay_cpu_ms_per_s"] == [7.0, 9.0]
+    assert idle_r["round_startup_s"] == [0.5, 0.7]
+    start = shape_row(rows, "startup")
+    # 6 shapes x 2 relay rounds at 0.6 s, and the idle rounds at 0.5 and 0.7 s
+    assert (start["starts"], start["startup_s"], start["min_s"], start["max_s"]) == (
+        14,
+        0.6,
+        0.5,
+        0.7,
+    )
+    text = report.shapes_table(rows, QUICK)
+    assert (
+        "idle, nothing written (10 s per round): relay CPU 8.0 ms/s (rounds 7.0 9.0), walsender "
+        "0.4 ms/s, all of PostgreSQL 10.0 ms/s, 0 db txn/s"
+    ) in text
+    assert (
+        'start-up, spawn of `cdc-relay run` → its "streaming" record: idle rounds 0.50 0.70 s; '
+        "median 0.60 s over all 14 starts in this section (0.50–0.70 s)"
+    ) in text
+
+
+def test_idle_every_round_failed() -> None:
+    """An idle measurement that never worked is printed as failed, not as zero."""
+    res = {**shape_results(), "cdc_idle": _combine_idle([error("ChildError: x"), error()])}
+    rows = report.shape_rows(res, QUICK)
+    assert shape_row(rows, "cdc_idle")["errors"] == {"idle": "ChildError: x"}
+    assert "idle: every round FAILED: ChildError: x" in report.shapes_table(rows, QUICK)
+
+
+def test_combine_rounds() -> None:
+    """``key#r`` results become one ``key`` each: rates by _combine (peak RSS: the worst
+    round), idle rounds by _combine_idle (medians of each figure)."""
+    res: dict[str, Result] = {
+        "servers": {"postgres": "15"},
+        "shape_txn1_relay#1": shape_drain(N, 9_000.0) | {"peak_rss_mb": 50.0},
+        "cdc_idle#1": cdc_idle(6.0, 0.4),
+        "shape_txn1_relay#2": shape_drain(N, 11_000.0) | {"peak_rss_mb": 40.0},
+        "cdc_idle#2": error(),
+        "cdc_idle#3": cdc_idle(10.0, 0.8),
+        "shape_txn1_relay#3": shape_drain(N, 10_000.0) | {"peak_rss_mb": 45.0},
+    }
+    _combine_rounds(res)
+    assert sorted(res) == ["cdc_idle", "servers", "shape_txn1_relay"]
+    relay = res["shape_txn1_relay"]
+    assert (relay["rate"], relay["round_rates"], relay["peak_rss_mb"]) == (
+        10_000.0,
+        [9_000.0, 11_000.0, 10_000.0],
+        50.0,
+    )
+    idle_r = res["cdc_idle"]
+    assert (idle_r["cpu_ms_per_s"], idle_r["failed_rounds"]) == (8.0, 1)
+    assert idle_r["startup_s"] == pytest.approx(0.6)
+    assert idle_r["round_cpu_ms_per_s"] == [6.0, 10.0]
+    assert len(idle_r["samples"]) == 3
+
+
+def test_big_txn_from_the_shapes_section() -> None:
+    """Without a standalone big-transaction drain the scale row and the peak RSS target use
+    the shapes section's (rounds, worst RSS)."""
+    res = {**healthy(), **shape_results(FULL)}
+    del res["cdc_big_txn"]
+    res["shape_bigtxn_relay"]["peak_rss_mb"] = 140.0
+    assert report.big_txn_key(res) == "shape_bigtxn_relay"
+    row = by_key(report.rows(res, QUICK), "shape_bigtxn_relay")[0]
+    assert row["name"] == "cdc-relay drain: one txn of 100k rows"
+    assert row["text"].endswith(", median of 2")
+    t = target(report.targets(res, QUICK), RSS)
+    assert t["measured"] == "140 MB max over drains up to N=1M"
+    assert t["met"] is True
+    assert report.big_txn_key(healthy()) == "cdc_big_txn"
