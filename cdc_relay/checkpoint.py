@@ -152,12 +152,9 @@ class CheckpointTracker:
         if not 1 <= tag <= self._last_tag:
             raise ValueError(f"nack of delivery tag {tag}, but only {self._last_tag} were issued")
 
-    def returned(self) -> None:
-        """An unroutable message was confirmed but delivered nowhere: as bad as a nack."""
-        self._failed = True
-
     def fail(self) -> None:
-        """Confirms can no longer be trusted to arrive (timeout, lost connection): freeze."""
+        """Confirms can no longer be trusted to arrive (timeout, lost connection, a return of
+        an unroutable message, a state that proved inconsistent): freeze."""
         self._failed = True
 
     # -- what to report -----------------------------------------------------------------------

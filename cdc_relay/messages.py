@@ -42,13 +42,13 @@ from cdc_relay.amqp import (
 from cdc_relay.errors import ConfigError, InvalidEvent
 from cdc_relay.lsn import Lsn
 from cdc_relay.outbox import OutboxColumns, OutboxEvent
+from cdc_relay.replication import PG_EPOCH_UNIX
 
 APP_ID = "cdc-relay"
 CONTENT_TYPE = "application/json"
 DELIVERY_MODE = 2  # persistent
 DEFAULT_FRAME_MAX = 131072  # RabbitMQ's default; the driver sets the negotiated value
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-PG_EPOCH_UNIX = 946684800  # PG_EPOCH as unix seconds
 INVALID_EVENT_TYPE = "cdc-relay.invalid_event"
 INVALID_ROUTING_KEY = "cdc-relay.invalid"
 # headers the relay sets on every event; a row may not set them

@@ -37,10 +37,10 @@ from cdc_relay.errors import (
     RelayError,
 )
 from cdc_relay.lsn import Lsn
-from cdc_relay.messages import PG_EPOCH_UNIX, MessageBuilder, OutgoingMessage, TransactionInfo
+from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxEvent, OutboxMapper
 from cdc_relay.pgoutput import Begin, Commit, Insert, Message, Relation, Truncate, decode
-from cdc_relay.replication import PrimaryKeepalive, parse_copy_data
+from cdc_relay.replication import PG_EPOCH_UNIX, PrimaryKeepalive, parse_copy_data
 
 log = logging.getLogger("cdc_relay")
 

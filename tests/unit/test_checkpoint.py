@@ -305,7 +305,7 @@ def test_confirmed_never_decreases_on_an_older_commit() -> None:
 # -- rule 6: failures freeze the point --------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["nack", "nack_multiple", "returned", "fail"])
+@pytest.mark.parametrize("how", ["nack", "nack_multiple", "fail"])
 def test_failure_freezes_the_confirmed_point(how: str) -> None:
     t = CheckpointTracker(START)
     txn(t, 1100, 1)  # 1
@@ -316,8 +316,6 @@ def test_failure_freezes_the_confirmed_point(how: str) -> None:
         t.nack(2, multiple=False)
     elif how == "nack_multiple":
         t.nack(3, multiple=True)
-    elif how == "returned":
-        t.returned()
     else:
         t.fail()
     assert t.failed
@@ -510,12 +508,6 @@ class CheckpointMachine(RuleBasedStateMachine):
     def nack(self, data: st.DataObject, multiple: bool) -> None:
         tag = data.draw(st.integers(1, self.model.published), label="tag")
         self.tracker.nack(tag, multiple)
-        self._failed()
-
-    @precondition(lambda self: self.allow_failures)
-    @rule()
-    def returned(self) -> None:
-        self.tracker.returned()
         self._failed()
 
     @precondition(lambda self: self.allow_failures)
