@@ -72,7 +72,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _n(n: int) -> str:
+def count_text(n: int) -> str:
+    """20000 -> "20k", 1000000 -> "1M"; other counts with thousands separators."""
     if n >= 1_000_000 and n % 1_000_000 == 0:
         return f"{n // 1_000_000}M"
     if n >= 1000 and n % 1000 == 0:
@@ -199,20 +200,23 @@ def rows(results: dict[str, Result], plan: Plan) -> list[Row]:
         "polling_idle", f"idle: polling, {polling_idle.get('poll_idle_s', 0.01) * 1000:.0f} ms poll"
     )
 
-    throughput("cdc_backlog", f"cdc-relay drain N={_n(plan.backlog)} ({plan.txn_size} ev/txn)")
+    throughput(
+        "cdc_backlog", f"cdc-relay drain N={count_text(plan.backlog)} ({plan.txn_size} ev/txn)"
+    )
     for size in plan.scale:
-        throughput(f"ceiling_pika_{size}", f"ceiling: raw pika at N={_n(size)}")
+        throughput(f"ceiling_pika_{size}", f"ceiling: raw pika at N={count_text(size)}")
         throughput(
             f"cdc_scale_{size}",
-            f"cdc-relay drain N={_n(size)} ({plan.txn_size} ev/txn)",
+            f"cdc-relay drain N={count_text(size)} ({plan.txn_size} ev/txn)",
             pika_key=f"ceiling_pika_{size}",
         )
     throughput(
-        "ceiling_recvlogical_big_txn", f"ceiling: pg_recvlogical, one txn of {_n(plan.big_txn)}"
+        "ceiling_recvlogical_big_txn",
+        f"ceiling: pg_recvlogical, one txn of {count_text(plan.big_txn)}",
     )
     throughput(
         big_txn_key(results),
-        f"cdc-relay drain: one txn of {_n(plan.big_txn)} rows",
+        f"cdc-relay drain: one txn of {count_text(plan.big_txn)} rows",
         pika_key=f"ceiling_pika_{plan.big_txn}",
     )
     return out
@@ -263,7 +267,7 @@ def table(table_rows: list[Row]) -> str:
             lines.append(f"{r['name']:<52} {'':>6}  {r['text']:<40} {'':>8} {'':>8} {cpu_text:>9}")
             continue
         lines.append(
-            f"{r['name']:<52} {_n(r['n']) if 'n' in r else '':>6}  {r['text']:<40} "
+            f"{r['name']:<52} {count_text(r['n']) if 'n' in r else '':>6}  {r['text']:<40} "
             f"{_fmt_ratio(r.get('vs_pika')):>8} {_fmt_ratio(r.get('vs_polling')):>8} "
             f"{'' if cpu is None else f'{cpu:.0f}':>9} {'' if rss is None else f'{rss:.0f}':>7}"
         )
@@ -364,7 +368,7 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
         add(
             "peak RSS <= 150 MB at 1M events",
             (worst <= 150) if at_1m else None,
-            f"{worst:.0f} MB max over drains up to N={_n(v['n'])}"
+            f"{worst:.0f} MB max over drains up to N={count_text(v['n'])}"
             + ("" if at_1m else " (1M not run in this mode)"),
         )
     else:
@@ -377,7 +381,10 @@ def targets(results: dict[str, Result], plan: Plan) -> list[dict[str, Any]]:
     if len(batched) >= 2:
         (n1, s1), (n2, s2) = batched[0], batched[-1]
         growth = (s2 / n2) / (s1 / n1)
-        text = f"{_n(n1)}: {s1:.2f} s, {_n(n2)}: {s2:.2f} s -> per-event time x{growth:.2f}"
+        text = (
+            f"{count_text(n1)}: {s1:.2f} s, {count_text(n2)}: {s2:.2f} s -> "
+            f"per-event time x{growth:.2f}"
+        )
         own = growth
         p1, p2 = _rate(results, "ceiling_pika"), _rate(results, f"ceiling_pika_{n2}")
         if p1 and p2 and results["ceiling_pika"]["n"] == n1:
@@ -508,7 +515,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path | None:
         if r["key"] in seen:
             continue
         seen.add(r["key"])
-        labels.append(f"{r['name']}\nN={_n(r['n'])}")
+        labels.append(f"{r['name']}\nN={count_text(r['n'])}")
         values.append(r["value"])
         key = r["key"]
         colors.append(
@@ -790,7 +797,7 @@ def shapes_table(table_rows: list[Row], plan: Plan) -> str:
         if r["key"] in ("cdc_idle", "startup"):
             continue
         lines.append(
-            f"{r['label']:<30} {_n(r['n']):>6} {_rate_text(r['relay_rate']):>10} "
+            f"{r['label']:<30} {count_text(r['n']):>6} {_rate_text(r['relay_rate']):>10} "
             f"{_rate_text(r['same_rate']):>10} {_rate_text(r['minimal_rate']):>10} "
             f"{_fmt_ratio(r['vs_same']):>8} {_fmt_ratio(r['vs_minimal']):>7} "
             f"{_num(r['relay_cpu_us_per_event']):>11} {_num(r['walsender_cpu_us_per_event']):>15}"

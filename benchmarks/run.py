@@ -96,14 +96,6 @@ class Shape:
     bytes_target: bool = False  # also judged in message-body bytes per second
 
 
-def _count(n: int) -> str:
-    if n >= 1_000_000 and n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n >= 1000 and n % 1000 == 0:
-        return f"{n // 1000}k"
-    return f"{n:,}"
-
-
 def make_shapes(quick: bool, payload: int, n: int, big_txn: int) -> tuple[Shape, ...]:
     """The shapes section: ``n`` events in transactions of 1, 3 and 1,000 events, one
     transaction of ``big_txn`` rows, and 2 KB / 64 KB payloads one event per transaction."""
@@ -112,7 +104,13 @@ def make_shapes(quick: bool, payload: int, n: int, big_txn: int) -> tuple[Shape,
         Shape("txn1", f"1 ev/txn, {p}", n, 1, payload),
         Shape("txn3", f"3 ev/txn, {p}", n, 3, payload),
         Shape("txn1000", f"1,000 ev/txn, {p}", n, 1000, payload),
-        Shape("bigtxn", f"one txn of {_count(big_txn)} rows, {p}", big_txn, big_txn, payload),
+        Shape(
+            "bigtxn",
+            f"one txn of {report.count_text(big_txn)} rows, {p}",
+            big_txn,
+            big_txn,
+            payload,
+        ),
         Shape(
             "kb2",
             "2 KB payload, 1 ev/txn",

@@ -240,43 +240,34 @@ class Session:
         for effect in effects:
             if self._closed:
                 return
-            kind = type(effect)
-            if kind is Publish:
-                assert isinstance(effect, Publish)
+            # isinstance narrows for the type checker and is one test per effect kind
+            if isinstance(effect, Publish):
                 try:
                     self._publisher.publish(effect.message)
                 except RelayError as err:
                     self._fail(err)
                     return
-                pipeline = self.pipeline
-                assert pipeline is not None
+                pipeline = self._pipeline
                 observer.on_publish(effect, pipeline.tracker.in_flight, pipeline.bytes_in_flight)
-            elif kind is Acked:
-                assert isinstance(effect, Acked) and self.pipeline is not None
-                observer.on_acked(
-                    effect, self.pipeline.tracker.in_flight, self.pipeline.bytes_in_flight
-                )
-            elif kind is SendStatus:
-                assert isinstance(effect, SendStatus)
+            elif isinstance(effect, Acked):
+                pipeline = self._pipeline
+                observer.on_acked(effect, pipeline.tracker.in_flight, pipeline.bytes_in_flight)
+            elif isinstance(effect, SendStatus):
                 self._send_status(effect)
-            elif kind is Progressed:
+            elif isinstance(effect, Progressed):
                 observer.on_progress()
-            elif kind is Committed:
-                assert isinstance(effect, Committed)
+            elif isinstance(effect, Committed):
                 observer.on_committed(effect)
-            elif kind is PauseReading:
+            elif isinstance(effect, PauseReading):
                 self._set_reading(False)
-            elif kind is ResumeReading:
+            elif isinstance(effect, ResumeReading):
                 self._set_reading(True)
                 self._drain_wanted = True
-            elif kind is ScheduleFlush:
-                assert isinstance(effect, ScheduleFlush)
+            elif isinstance(effect, ScheduleFlush):
                 self._ioloop.call_later(effect.delay, self._guard(self._on_flush_due))
-            elif kind is ScheduleStopTimeout:
-                assert isinstance(effect, ScheduleStopTimeout)
+            elif isinstance(effect, ScheduleStopTimeout):
                 self._ioloop.call_later(effect.delay, self._guard(self._on_stop_timeout))
-            elif kind is Finish:
-                assert isinstance(effect, Finish)
+            elif isinstance(effect, Finish):
                 self._finish(effect)
                 return
         if self._drain_wanted and not self._closed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -128,16 +127,7 @@ class SlowConsumer:
                     break
                 if method is None:
                     continue
-                self.got.append(
-                    Delivery(
-                        message_id=props.message_id,
-                        routing_key=method.routing_key,
-                        body=json.loads(body),
-                        headers=dict(props.headers or {}),
-                        properties=props,
-                        raw=body,
-                    )
-                )
+                self.got.append(Delivery.from_pika(method, props, body))
                 time.sleep(self.ack_delay)
                 ch.basic_ack(method.delivery_tag)
             ch.cancel()

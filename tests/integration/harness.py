@@ -38,6 +38,18 @@ class Delivery:
     properties: pika.BasicProperties
     raw: bytes
 
+    @classmethod
+    def from_pika(cls, method: Any, props: pika.BasicProperties, body: bytes) -> Delivery:
+        """One message as a consumer received it (pika's basic.deliver, properties, body)."""
+        return cls(
+            message_id=props.message_id,
+            routing_key=method.routing_key,
+            body=json.loads(body),
+            headers=dict(props.headers or {}),
+            properties=props,
+            raw=body,
+        )
+
 
 @dataclass
 class Env:
@@ -136,16 +148,7 @@ class Env:
             settle_until: float | None = None
             for method, props, body in ch.consume(self.queue, inactivity_timeout=0.2):
                 if method is not None:
-                    out.append(
-                        Delivery(
-                            message_id=props.message_id,
-                            routing_key=method.routing_key,
-                            body=json.loads(body),
-                            headers=dict(props.headers or {}),
-                            properties=props,
-                            raw=body,
-                        )
-                    )
+                    out.append(Delivery.from_pika(method, props, body))
                     ch.basic_ack(method.delivery_tag)
                 now = time.monotonic()
                 if len(out) >= expected and settle_until is None:

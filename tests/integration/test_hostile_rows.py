@@ -42,6 +42,16 @@ def _row(agg: str, seq: int, headers: Any = None) -> tuple[str, str, str, str, s
     )
 
 
+def _dead_letter_queue(env: Env) -> tuple[str, str]:
+    """A dead-letter exchange with a queue bound to it, as an operator would set it up."""
+    dlx, dlq = f"{env.exchange}.dlx", f"{env.queue}.dlq"
+    with env.channel() as ch:
+        ch.exchange_declare(dlx, "fanout", durable=True)
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_bind(dlq, dlx)
+    return dlx, dlq
+
+
 def _error_lines(log: str) -> list[dict[str, Any]]:
     out = []
     for line in log.splitlines():
@@ -85,11 +95,7 @@ def test_cc_header_halts_once_naming_the_row_not_a_retry_loop(env: Env) -> None:
 
 def test_invalid_rows_are_dead_lettered_whole_and_streaming_goes_on(env: Env) -> None:
     env.init()
-    dlx, dlq = f"{env.exchange}.dlx", f"{env.queue}.dlq"
-    with env.channel() as ch:
-        ch.exchange_declare(dlx, "fanout", durable=True)
-        ch.queue_declare(dlq, durable=True)
-        ch.queue_bind(dlq, dlx)
+    dlx, dlq = _dead_letter_queue(env)
     relay = env.start_relay(invalid_event_policy="dead_letter", dead_letter_exchange=dlx)
     relay.wait_streaming()
     rows = [
@@ -226,11 +232,7 @@ def test_retry_loop_without_progress_fails_healthz_and_is_counted(env: Env) -> N
 def test_events_written_before_a_poison_row_are_never_lost(env: Env) -> None:
     """After the halt the operator diverts the row; everything after it then arrives."""
     env.init()
-    dlx, dlq = f"{env.exchange}.dlx", f"{env.queue}.dlq"
-    with env.channel() as ch:
-        ch.exchange_declare(dlx, "fanout", durable=True)
-        ch.queue_declare(dlq, durable=True)
-        ch.queue_bind(dlq, dlx)
+    dlx, dlq = _dead_letter_queue(env)
     relay = env.start_relay()
     relay.wait_streaming()
     first = [outbox_row("B", i) for i in range(5)]
