@@ -11,11 +11,21 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import os
+
 import psycopg
 import pytest
+from hypothesis import settings
 
 from tests.integration.harness import Env, dsn_for
 from tests.sandbox import PostgresSandbox, RabbitSandbox
+
+# The suite is what gates a change, so it draws the same examples on every run: a red CI run is
+# reproducible here. HYPOTHESIS_PROFILE=explore draws fresh ones (and keeps failures in
+# .hypothesis/) when you want to hunt.
+settings.register_profile("suite", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture(scope="session")
