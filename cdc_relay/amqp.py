@@ -40,6 +40,7 @@ _FLAGS = struct.Struct(">H")
 _U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_U64_MAX = (1 << 64) - 1
 _LONGSTR = struct.Struct(">cI")
 _LONGLONG = struct.Struct(">cq")
 _DOUBLE = struct.Struct(">cd")
@@ -268,6 +269,99 @@ def encode_properties(
         tail,
     )
     return b"".join(parts)
+
+
+_U32_PACK = _U32.pack
+_U8_PACK = _U8.pack
+_U64_PACK = _U64.pack
+# table keys of the relay's own headers, each with its value's type tag ('S', long string)
+_EVENT_KEYS = tuple(
+    _U8.pack(len(k)) + k + b"S"
+    for k in (b"aggregate_type", b"aggregate_id", b"source_lsn", b"traceparent")
+)
+_EVENT_TABLE_FIXED = sum(len(k) + 4 for k in _EVENT_KEYS[:3])
+
+
+def encode_event_properties(
+    content_type: str,
+    aggregate_type: str,
+    aggregate_id: str,
+    source_lsn: str,
+    traceparent: str | None,
+    delivery_mode: int,
+    message_id: str,
+    timestamp: int,
+    type_: str,
+    app_id: str,
+) -> bytes:
+    """``encode_properties`` for the relay's own header table, the shape of nearly every event.
+
+    The same bytes as ``encode_properties`` with headers ``{aggregate_type, aggregate_id,
+    source_lsn[, traceparent]}`` in that order, built in one join without a dict walk: this is
+    paid once per event. Anything unusual (a value that is not valid Unicode, an id or type
+    over 255 bytes, a timestamp out of range) goes the general way, which names the problem.
+    """
+    try:
+        at = aggregate_type.encode()
+        ai = aggregate_id.encode()
+        lsn = source_lsn.encode()
+        mid = message_id.encode()
+        ty = type_.encode()
+        tp = traceparent.encode() if traceparent else None
+    except UnicodeEncodeError:
+        mid = None
+    head = _HEADS.get(content_type)
+    tail = _TAILS.get(app_id)
+    if (
+        mid is None
+        or head is None  # the first event fills the caches the general way
+        or tail is None
+        or len(mid) > SHORTSTR_MAX
+        or len(ty) > SHORTSTR_MAX
+        or not 0 <= timestamp <= _U64_MAX
+    ):
+        headers: dict[str, object] = {
+            "aggregate_type": aggregate_type,
+            "aggregate_id": aggregate_id,
+            "source_lsn": source_lsn,
+        }
+        if traceparent:
+            headers["traceparent"] = traceparent
+        return encode_properties(
+            content_type, headers, delivery_mode, message_id, timestamp, type_, app_id
+        )
+    k_at, k_ai, k_lsn, k_tp = _EVENT_KEYS
+    size = _EVENT_TABLE_FIXED + len(at) + len(ai) + len(lsn)
+    if tp is None:
+        return b"".join(
+            (
+                head,
+                _U32_PACK(size),
+                k_at, _U32_PACK(len(at)), at,
+                k_ai, _U32_PACK(len(ai)), ai,
+                k_lsn, _U32_PACK(len(lsn)), lsn,
+                _U8_PACK(delivery_mode),
+                _U8_PACK(len(mid)), mid,
+                _U64_PACK(timestamp),
+                _U8_PACK(len(ty)), ty,
+                tail,
+            )
+        )  # fmt: skip
+    return b"".join(
+        (
+            head,
+            _U32_PACK(size + len(k_tp) + 4 + len(tp)),
+            k_at, _U32_PACK(len(at)), at,
+            k_ai, _U32_PACK(len(ai)), ai,
+            k_lsn, _U32_PACK(len(lsn)), lsn,
+            k_tp, _U32_PACK(len(tp)), tp,
+            _U8_PACK(delivery_mode),
+            _U8_PACK(len(mid)), mid,
+            _U64_PACK(timestamp),
+            _U8_PACK(len(ty)), ty,
+            tail,
+        )
+    )  # fmt: skip
 
 
 def content_header_size(properties: bytes) -> int:

@@ -63,6 +63,7 @@ WRITE = PollEvents.WRITE
 FORCED_EXIT_GRACE = 5.0  # seconds a closing session may take before the loop is stopped anyway
 FINAL_STATUS_TIMEOUT = 2.0  # the last status update is best effort: the slot is merely behind
 START_TIMEOUT = 30.0  # seconds START_REPLICATION may take to answer
+DRAIN_BATCH = 512  # effects performed together at most: bounds a drain's memory and latency
 
 
 class PublicationWatch:
@@ -402,16 +403,33 @@ class Session:
         pipeline = self._pipeline
         stream = self._stream
         now = time.monotonic()
+        # effects of a whole drain are performed together (publishes leave in one write); the
+        # pipeline stops reading by itself (pause, halt, finish), so nothing waits on them
+        effects: list[Effect] = []
+        publisher = self._publisher
+        publisher.hold()
         try:
-            while pipeline.reading and not self._closed:
+            while pipeline.reading:
                 data = stream.read()
                 if data is None:
-                    return
-                self._apply(pipeline.copy_data(data, now))
+                    break
+                effects += pipeline.copy_data(data, now)
+                if len(effects) >= DRAIN_BATCH:
+                    self._apply(effects)
+                    effects = []
+                    publisher.release()  # a long drain writes as it goes
+                    if self._closed:
+                        return
+                    publisher.hold()
         finally:
             stats = self._stats
             stats.server_wal_end = max(stats.server_wal_end, pipeline.server_wal_end)
             stats.ignored_messages = self._ignored_before + pipeline.ignored_messages
+            # also when reading failed: what was decided before the failure is still performed
+            try:
+                self._apply(effects)
+            finally:
+                publisher.release()
 
     def _set_reading(self, on: bool) -> None:
         if on:

@@ -37,6 +37,7 @@ from cdc_relay.amqp import (
     CONTENT_HEADER_OVERHEAD,
     SHORTSTR_MAX,
     EncodeError,
+    encode_event_properties,
     encode_properties,
 )
 from cdc_relay.errors import ConfigError, InvalidEvent
@@ -122,7 +123,8 @@ class TransactionInfo:
         self.commit_lsn = commit_lsn
         self.commit_time = commit_time  # µs since 2000-01-01 UTC
         self.commit_lsn_text = str(commit_lsn)
-        self.committed_at = PG_EPOCH + dt.timedelta(microseconds=commit_time)
+        # (days, seconds, microseconds) positionally: a third cheaper than the keyword
+        self.committed_at = PG_EPOCH + dt.timedelta(0, 0, commit_time)
         self.timestamp = commit_time // 1_000_000 + PG_EPOCH_UNIX
 
 
@@ -417,19 +419,34 @@ class MessageBuilder:
         headers: dict[str, object],
         strings: bool | None = None,
     ) -> bytes:
-        """``strings=True``: every header value is text (the relay's own), the encoder's fast
-        path; ``False``: the row added some, take the general encoder; ``None``: look."""
+        """``strings=True``: ``headers`` are the relay's own only (the row added none), built
+        by ``build``, and take the one-join encoder; ``False``: the row added some, take the
+        general encoder; ``None``: look."""
         try:
-            properties = encode_properties(
-                CONTENT_TYPE,
-                headers,
-                DELIVERY_MODE,
-                event.id,
-                tx.timestamp,
-                event.type,
-                APP_ID,
-                strings=strings,
-            )
+            if strings:
+                properties = encode_event_properties(
+                    CONTENT_TYPE,
+                    event.aggregate_type,
+                    event.aggregate_id,
+                    headers["source_lsn"],  # type: ignore[arg-type]
+                    headers.get("traceparent"),  # type: ignore[arg-type]
+                    DELIVERY_MODE,
+                    event.id,
+                    tx.timestamp,
+                    event.type,
+                    APP_ID,
+                )
+            else:
+                properties = encode_properties(
+                    CONTENT_TYPE,
+                    headers,
+                    DELIVERY_MODE,
+                    event.id,
+                    tx.timestamp,
+                    event.type,
+                    APP_ID,
+                    strings=strings,
+                )
         except UnicodeEncodeError:
             raise self._not_unicode(event) from None
         except EncodeError as exc:

@@ -146,6 +146,8 @@ _MSG_HEAD = struct.Struct("!BQ").unpack_from  # flags, lsn
 _BEGIN_SIZE: Final = 1 + _BEGIN.size
 _COMMIT_SIZE: Final = 1 + _COMMIT.size
 _BEGIN_UNPACK = _BEGIN.unpack_from
+_B: Final = 0x42  # 'B'
+_C: Final = 0x43  # 'C'
 _COMMIT_UNPACK = _COMMIT.unpack_from
 
 # memoryview input (psycopg hands CopyData out as a view) is copied to ``bytes`` once when it is
@@ -293,6 +295,25 @@ def _commit(buf: bytes, n: int) -> Commit:
         raise _trailing("Commit", _COMMIT_SIZE, n)
     flags, commit_lsn, end_lsn, commit_time = _COMMIT_UNPACK(buf, 1)
     return Commit(flags, _new_lsn(Lsn, commit_lsn), _new_lsn(Lsn, end_lsn), commit_time)
+
+
+def begin_fields(buf: bytes | memoryview, pos: int) -> tuple[int, int, int] | None:
+    """(final LSN, commit time, xid) of a well-formed Begin filling ``buf[pos:]``, else None.
+
+    The per-transaction fast path: no message object, no copy. None means "not exactly a
+    Begin": ``decode`` then says what is wrong with it.
+    """
+    if len(buf) - pos == _BEGIN_SIZE and buf[pos] == _B:
+        return _BEGIN_UNPACK(buf, pos + 1)
+    return None
+
+
+def commit_fields(buf: bytes | memoryview, pos: int) -> tuple[int, int, int, int] | None:
+    """(flags, commit LSN, end LSN, commit time) of a well-formed Commit filling ``buf[pos:]``,
+    else None (see ``begin_fields``)."""
+    if len(buf) - pos == _COMMIT_SIZE and buf[pos] == _C:
+        return _COMMIT_UNPACK(buf, pos + 1)
+    return None
 
 
 def _origin(buf: bytes, n: int) -> Origin:

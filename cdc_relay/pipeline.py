@@ -39,13 +39,33 @@ from cdc_relay.errors import (
 from cdc_relay.lsn import Lsn
 from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxEvent, OutboxMapper
-from cdc_relay.pgoutput import Begin, Commit, Insert, Message, Relation, Truncate, decode
-from cdc_relay.replication import PG_EPOCH_UNIX, PrimaryKeepalive, parse_copy_data
+from cdc_relay.pgoutput import (
+    Begin,
+    Commit,
+    Insert,
+    Message,
+    PgOutputMessage,
+    Relation,
+    Truncate,
+    begin_fields,
+    commit_fields,
+    decode,
+)
+from cdc_relay.replication import (
+    PG_EPOCH_UNIX,
+    XLOG_PAYLOAD,
+    PrimaryKeepalive,
+    parse_copy_data,
+    xlog_positions,
+)
 
 log = logging.getLogger("cdc_relay")
 
 TICK = 1.0  # seconds between the driver's ticks; status updates while paused come this often
 HEALTHY_AFTER = 60.0  # seconds of streaming after which a failure restarts the backoff afresh
+_BEGIN = ord("B")
+_COMMIT = ord("C")
+_new_lsn = int.__new__  # a position read off the wire is a valid LSN: skip Lsn's range check
 
 # Errors about the data itself: the broker is fine, so the events before the bad one are let
 # finish (halt) instead of being thrown away with the connection.
@@ -375,10 +395,32 @@ class Pipeline:
             raise InternalError("copy data delivered while reading is paused")
         self._now = self._last_heard = now
         self._asked_reply_at = None
+        tracker = self.tracker
+        positions = xlog_positions(data)
+        if positions is not None:
+            # the per-message fast path: Begin and Commit (two of the three messages of a
+            # one-event transaction) are read in place, without message objects
+            start = _new_lsn(Lsn, positions[0])
+            if positions[1] > self.server_wal_end:
+                self.server_wal_end = _new_lsn(Lsn, positions[1])
+            tracker.received(start)
+            kind = data[XLOG_PAYLOAD]
+            if kind == _BEGIN:
+                fields = begin_fields(data, XLOG_PAYLOAD)
+                if fields is not None:
+                    final_lsn, commit_time, xid = fields
+                    self._begin(xid, _new_lsn(Lsn, final_lsn), commit_time)
+                    return
+            elif kind == _COMMIT:
+                commit = commit_fields(data, XLOG_PAYLOAD)
+                if commit is not None:
+                    self._commit(_new_lsn(Lsn, commit[2]))
+                    return
+            self._message_at(decode(data[XLOG_PAYLOAD:]), start)
+            return
         frame = parse_copy_data(data)
         if frame.wal_end > self.server_wal_end:  # noqa: PLR1730 - cheaper than max() per message
             self.server_wal_end = frame.wal_end
-        tracker = self.tracker
         if isinstance(frame, PrimaryKeepalive):
             tracker.received(frame.wal_end)
             target = frame.wal_end if frame.wal_end < self._ceiling else self._ceiling
@@ -390,29 +432,35 @@ class Pipeline:
                 self._status(reply=False, now=now)
             return
         tracker.received(frame.data_start)
-        msg = decode(frame.payload)
+        self._message_at(decode(frame.payload), frame.data_start)
+
+    def _message_at(self, msg: PgOutputMessage, lsn: Lsn) -> None:
+        """One decoded pgoutput message that started at WAL position ``lsn``."""
         if isinstance(msg, Insert):
             try:
-                event = self._mapper.event(msg, frame.data_start)
+                event = self._mapper.event(msg, lsn)
             except InvalidEvent as err:
-                self._invalid(err, self._open_tx(frame.data_start))
+                self._invalid(err, self._open_tx(lsn))
                 return
             if event is not None:
                 self._publish_event(event)
         elif isinstance(msg, Begin):
-            tracker.begin()
-            self._tx = TransactionInfo(msg.xid, msg.final_lsn, msg.commit_time)
-            self._tx_events = 0
+            self._begin(msg.xid, msg.final_lsn, msg.commit_time)
         elif isinstance(msg, Commit):
             self._commit(msg.end_lsn)
         elif isinstance(msg, Relation):
             self._mapper.relation(msg)
         elif isinstance(msg, Truncate):
             if any(self._mapper.is_outbox_oid(oid) for oid in msg.relation_oids):
-                log.info("outbox truncated; no events", extra={"lsn": str(frame.data_start)})
+                log.info("outbox truncated; no events", extra={"lsn": str(lsn)})
         elif isinstance(msg, Message):
             self._message(msg)
         # Update, Delete, Type, Origin: no events
+
+    def _begin(self, xid: int, final_lsn: Lsn, commit_time: int) -> None:
+        self.tracker.begin()
+        self._tx = TransactionInfo(xid, final_lsn, commit_time)
+        self._tx_events = 0
 
     def _commit(self, end_lsn: Lsn) -> None:
         tracker = self.tracker

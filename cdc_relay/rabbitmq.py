@@ -105,7 +105,18 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._out: list[bytes | memoryview] = []
         self._out_due = False
+        self._held = False
         super().__init__(*args, **kwargs)
+
+    def hold(self) -> None:
+        """Frames emitted until ``release`` wait for it instead of for the next loop turn: a
+        caller that publishes a batch writes it with one call and no timer."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        if self._out:
+            self._flush_out()
 
     @property
     def frame_max(self) -> int:
@@ -119,7 +130,7 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is 
         joined once per loop turn, so a body is copied once on its way to the socket.
         """
         self._out += parts
-        if not self._out_due:
+        if not self._out_due and not self._held:
             self._out_due = True
             self.ioloop.call_later(0, self._flush_out)
 
@@ -224,6 +235,15 @@ class Publisher:
         """The negotiated frame size (meaningful once ready): the builder's limit for headers."""
         connection = self._connection
         return connection.frame_max if connection is not None else int(self._params.frame_max)
+
+    def hold(self) -> None:
+        """Publishes from here to ``release`` leave together, written at ``release``."""
+        if self._connection is not None:
+            self._connection.hold()
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
 
     def publish(self, msg: OutgoingMessage) -> None:
         """Queue one persistent, mandatory message; its confirm arrives via ``on_confirm``.

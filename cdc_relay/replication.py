@@ -85,6 +85,22 @@ def _header_short(kind: str, n: int, fields: tuple[tuple[str, int], ...]) -> Dec
     raise AssertionError("called for input that holds the whole header")  # pragma: no cover
 
 
+XLOG_PAYLOAD: Final = _XLOG_HEADER_SIZE
+"""Offset of the pgoutput message inside an XLogData CopyData message."""
+_XLOG_POSITIONS = struct.Struct("!QQ").unpack_from
+
+
+def xlog_positions(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(data start, WAL end) of an XLogData carrying a payload at ``XLOG_PAYLOAD``; else None.
+
+    The per-message fast path (no frame object, no slice); ``parse_copy_data`` handles, and
+    names the problem with, everything this declines.
+    """
+    if len(data) > _XLOG_HEADER_SIZE and data[0] == _W:
+        return _XLOG_POSITIONS(data, 1)
+    return None
+
+
 def parse_copy_data(data: bytes | memoryview) -> XLogData | PrimaryKeepalive:
     """Parse one CopyData message received during streaming replication.
 

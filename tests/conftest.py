@@ -6,12 +6,11 @@ servers. If they cannot start, the integration tests error out: they never skip 
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import os
 
 import psycopg
 import pytest

@@ -6,7 +6,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pika.spec import BasicProperties
 
@@ -15,6 +15,7 @@ from cdc_relay.amqp import (
     MAX_DEPTH,
     EncodeError,
     content_header_size,
+    encode_event_properties,
     encode_properties,
     encode_publish,
     encode_table,
@@ -609,3 +610,47 @@ def test_no_inspector_without_alternate_exchanges() -> None:
     publisher.ready = True
     publisher.count_unroutable(lambda q, n: None)
     assert connection.opened == []
+
+
+@given(
+    aggregate_type=st.text(),
+    aggregate_id=st.text(),
+    lsn=st.text(max_size=20),
+    traceparent=st.none() | st.text(max_size=60),
+    message_id=st.text(max_size=300),
+    timestamp=st.integers(-1, 1 << 65),
+    type_=st.text(max_size=300),
+)
+@example("o", "\ud800", "0/1", None, "id", 1, "T")  # a lone surrogate
+@example("o", "1", "0/1", "tp\udfff", "id", 1, "T")
+@example("o", "1", "0/1", None, "i" * 256, 1, "T")  # over a short string
+@example("o", "1", "0/1", None, "id", 1 << 64, "T")  # beyond 64 bits
+def test_one_join_event_encoder_is_the_general_encoder(
+    aggregate_type: str,
+    aggregate_id: str,
+    lsn: str,
+    traceparent: str | None,
+    message_id: str,
+    timestamp: int,
+    type_: str,
+) -> None:
+    """Same bytes for every input, and the same refusal (field named) for a bad one."""
+    headers: dict[str, object] = {
+        "aggregate_type": aggregate_type,
+        "aggregate_id": aggregate_id,
+        "source_lsn": lsn,
+    }
+    if traceparent:
+        headers["traceparent"] = traceparent
+    args = ("application/json", 2, message_id, timestamp, type_, "cdc-relay")
+    try:
+        expected: bytes | str = encode_properties(args[0], headers, *args[1:])
+    except (EncodeError, UnicodeEncodeError) as exc:
+        expected = repr(exc)
+    try:
+        got: bytes | str = encode_event_properties(
+            "application/json", aggregate_type, aggregate_id, lsn, traceparent, *args[1:]
+        )
+    except (EncodeError, UnicodeEncodeError) as exc:
+        got = repr(exc)
+    assert got == expected

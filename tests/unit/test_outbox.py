@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from cdc_relay import outbox
 from cdc_relay.errors import InvalidEvent, OutboxError
 from cdc_relay.lsn import Lsn
 from cdc_relay.outbox import OutboxColumns, OutboxEvent, OutboxMapper
@@ -592,3 +595,45 @@ def test_logical_message_that_is_not_an_event_is_an_invalid_event(content: bytes
     # other prefixes and non-transactional messages are still none of our business
     assert m.message_event(Message(True, LSN, "outbox", content)) is None
     assert m.message_event(Message(False, LSN, "events", content)) is None
+
+
+# --- the one-go read of plain rows is the careful read -------------------------------------------
+
+_cell = st.one_of(
+    st.none(),
+    st.just(UNCHANGED),
+    st.binary(max_size=12).map(Binary),
+    st.binary(max_size=12),  # often not UTF-8
+    st.text(max_size=12).map(str.encode),
+)
+
+
+def _outcome(m: OutboxMapper, ins: Insert) -> object:
+    try:
+        return m.event(ins, LSN)
+    except OutboxError as exc:
+        return (type(exc).__name__, str(exc))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    changes=st.dictionaries(st.sampled_from(list(STANDARD_ROW)), _cell, max_size=3),
+    length=st.integers(0, len(STANDARD_COLUMNS) + 1),
+    drop=st.sets(st.sampled_from(("headers", "traceparent", "created_at"))),
+)
+def test_plain_row_fast_read_equals_careful_read(
+    changes: dict[str, ColumnValue],
+    length: int,
+    drop: set[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every row, odd ones included, gives the same event or the same error either way."""
+    columns = tuple(c for c in STANDARD_COLUMNS if c[0] not in drop)
+    m = mapper(columns)
+    row = insert({**STANDARD_ROW, **changes}, columns).new
+    ins = Insert(relation_oid=OUTBOX_OID, new=((*row, b"extra"))[:length])
+    fast = _outcome(m, ins)
+    with monkeypatch.context() as patch:
+        patch.setattr(outbox, "_plain_event", lambda *_: None)
+        careful = _outcome(m, ins)
+    assert fast == careful
