@@ -664,3 +664,61 @@ def test_round_trip_of_wide_rows_through_the_view_path(row: TupleData) -> None:
     raw = encode(message)
     assert decode(memoryview(raw)) == message
     assert decode(raw) == message
+
+
+# --- the per-transaction fast readers agree with decode() ----------------------------------------
+
+
+@given(
+    final_lsn=st.integers(0, (1 << 64) - 1),
+    commit_time=st.integers(-(1 << 63), (1 << 63) - 1),
+    xid=st.integers(0, (1 << 32) - 1),
+    offset=st.integers(0, 30),
+    cut=st.integers(-2, 2),
+)
+def test_begin_fields_read_what_decode_reads(
+    final_lsn: int, commit_time: int, xid: int, offset: int, cut: int
+) -> None:
+    raw = encode(Begin(final_lsn=Lsn(final_lsn), commit_time=commit_time, xid=xid))
+    raw = raw[: len(raw) + cut] if cut < 0 else raw + b"\x00" * cut
+    buf = memoryview(b"w" * offset + raw)
+    fields = pgoutput.begin_fields(buf, offset)
+    if cut:  # not exactly a Begin: left to decode(), which names the problem
+        assert fields is None
+        with pytest.raises(DecodeError):
+            pgoutput.decode(raw)
+    else:
+        assert fields == (final_lsn, commit_time, xid)
+        assert pgoutput.decode(raw) == Begin(Lsn(final_lsn), commit_time, xid)
+
+
+@given(
+    end_lsn=st.integers(0, (1 << 64) - 1),
+    commit_lsn=st.integers(0, (1 << 64) - 1),
+    commit_time=st.integers(-(1 << 63), (1 << 63) - 1),
+    offset=st.integers(0, 30),
+    cut=st.integers(-2, 2),
+)
+def test_commit_fields_read_what_decode_reads(
+    end_lsn: int, commit_lsn: int, commit_time: int, offset: int, cut: int
+) -> None:
+    commit = Commit(
+        flags=0, commit_lsn=Lsn(commit_lsn), end_lsn=Lsn(end_lsn), commit_time=commit_time
+    )
+    raw = encode(commit)
+    raw = raw[: len(raw) + cut] if cut < 0 else raw + b"\x00" * cut
+    buf = b"k" * offset + raw
+    fields = pgoutput.commit_fields(buf, offset)
+    if cut:
+        assert fields is None
+        with pytest.raises(DecodeError):
+            pgoutput.decode(raw)
+    else:
+        assert fields == (0, commit_lsn, end_lsn, commit_time)
+        assert pgoutput.decode(raw) == commit
+
+
+def test_fast_readers_decline_other_kinds() -> None:
+    commit = encode(Commit(flags=0, commit_lsn=Lsn(1), end_lsn=Lsn(2), commit_time=3))
+    assert pgoutput.begin_fields(b"C" + commit[1:21], 0) is None  # Begin-sized, but a 'C'
+    assert pgoutput.commit_fields(b"B" + commit[1:], 0) is None

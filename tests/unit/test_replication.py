@@ -17,12 +17,14 @@ from cdc_relay.lsn import Lsn
 from cdc_relay.pgoutput import Begin, Commit, Insert, Relation, decode
 from cdc_relay.replication import (
     PG_EPOCH_UNIX,
+    XLOG_PAYLOAD,
     PrimaryKeepalive,
     XLogData,
     parse_copy_data,
     pg_now_us,
     pg_time_to_unix,
     standby_status_update,
+    xlog_positions,
 )
 from tests.unit.capture_pgoutput import CAPTURED_DIR, read_capture
 
@@ -288,3 +290,21 @@ def test_the_protocol_modules_stay_pure() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("raw", FRAMES[:50])
+def test_fast_positions_agree_with_the_parser_on_captured_frames(raw: bytes) -> None:
+    frame = parse_copy_data(raw)
+    positions = xlog_positions(memoryview(raw))
+    if isinstance(frame, XLogData) and len(frame.payload):
+        assert positions == (frame.data_start, frame.wal_end)
+        assert bytes(raw[XLOG_PAYLOAD:]) == bytes(frame.payload)
+    else:
+        assert positions is None
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"w", b"w" + b"\0" * 24, b"k" + b"\0" * 40, b"r" + b"\0" * 40]
+)
+def test_fast_positions_decline_what_is_not_an_xlogdata_with_payload(raw: bytes) -> None:
+    assert xlog_positions(raw) is None
