@@ -94,6 +94,7 @@ class Shape:
     txn_size: int  # events per transaction; >= n is one single transaction
     payload: int  # approximate payload bytes
     bytes_target: bool = False  # also judged in message-body bytes per second
+    payload_type: str = "jsonb"  # the outbox payload column's type for the relay's rounds
 
 
 def make_shapes(quick: bool, payload: int, n: int, big_txn: int) -> tuple[Shape, ...]:
@@ -120,6 +121,16 @@ def make_shapes(quick: bool, payload: int, n: int, big_txn: int) -> tuple[Shape,
             bytes_target=True,
         ),
         Shape("kb64", "64 KB payload, 1 ev/txn", 2_000 if quick else 10_000, 1, 65536),
+        # the same events with a json (not jsonb) payload column: the walsender then sends
+        # the stored text instead of rebuilding it from jsonb, the large payloads' real cost
+        Shape(
+            "kb64json",
+            "64 KB payload in a json column, 1 ev/txn",
+            2_000 if quick else 10_000,
+            1,
+            65536,
+            payload_type="json",
+        ),
     )
 
 
@@ -396,12 +407,14 @@ class Bench:
         sample: float = 1.0,
         settings: dict[str, str] | None = None,
         payload: int | None = None,
+        payload_type: str = "jsonb",
     ) -> Result:
         """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
         (Jaeger's stand-in, its own process), with the SDK's default batch processor settings;
         ``sample`` < 1 keeps that fraction of traces (``parentbased_traceidratio``).
         ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``).
-        ``payload``: payload bytes of the events (default: the plan's).
+        ``payload``: payload bytes of the events (default: the plan's). ``payload_type``:
+        the payload column's type for this drain (json or jsonb; set back to jsonb after).
 
         Besides the relay's own CPU it reads the CPU the walsender serving the relay's slot
         used from its start to the end of the drain (reading and decoding the WAL), the
@@ -412,6 +425,8 @@ class Bench:
         self.reset(OUTBOX)
         env = self._relay_env(slot)
         relay_cli(env, "init", "--create-outbox")
+        if payload_type != "jsonb":
+            self.sql.execute(f"ALTER TABLE {OUTBOX} ALTER COLUMN payload TYPE {payload_type}")
         otel: dict[str, str] = {f"CDC_RELAY_{k}": v for k, v in (settings or {}).items()}
         sink: Child | None = None
         traced: Result = {}
@@ -460,6 +475,9 @@ class Bench:
             self.end_children()
             with suppress(ChildError):  # never hide the error that got us here
                 relay_cli(env, "drop", "--yes")
+            if payload_type != "jsonb":  # emptied first: converting the rows back is slow
+                self.reset(OUTBOX)
+                self.sql.execute(f"ALTER TABLE {OUTBOX} ALTER COLUMN payload TYPE jsonb")
         seconds = t1 - t0
         return {
             "n": n,
@@ -859,7 +877,14 @@ def _shape_steps(bench: Bench, plan: Plan) -> list[Step]:
                 (
                     f"{key}_relay#{r}",
                     f"shape {shape.label}: cdc-relay, N={n:,}{tag}",
-                    partial(bench.cdc_drain, label, n, shape.txn_size, payload=shape.payload),
+                    partial(
+                        bench.cdc_drain,
+                        label,
+                        n,
+                        shape.txn_size,
+                        payload=shape.payload,
+                        payload_type=shape.payload_type,
+                    ),
                 ),
             ]
         steps.append(

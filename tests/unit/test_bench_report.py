@@ -855,7 +855,7 @@ BYTES_2KB = "shape 2 KB payload, 1 ev/txn: >= 0.90 x both ceilings in bytes/s"
 
 
 def test_plan_shapes_quick_and_full() -> None:
-    """The six shapes with their N: 1M / 100k rows in the one transaction, 64 KB shrunk."""
+    """The seven shapes with their N: 1M / 100k rows in the one transaction, 64 KB shrunk."""
     quick = [(s.key, s.n, s.txn_size, s.payload) for s in QUICK.shapes]
     assert quick == [
         ("txn1", 20_000, 1, 150),
@@ -864,7 +864,9 @@ def test_plan_shapes_quick_and_full() -> None:
         ("bigtxn", 100_000, 100_000, 150),
         ("kb2", 10_000, 1, 2048),
         ("kb64", 2_000, 1, 65536),
+        ("kb64json", 2_000, 1, 65536),
     ]
+    assert [s.key for s in QUICK.shapes if s.payload_type != "jsonb"] == ["kb64json"]
     full = {s.key: s.n for s in FULL.shapes}
     assert (full["txn1"], full["bigtxn"], full["kb2"], full["kb64"]) == (
         100_000,
@@ -1105,9 +1107,9 @@ def test_idle_and_startup_rows() -> None:
     assert idle_r["round_relay_cpu_ms_per_s"] == [7.0, 9.0]
     assert idle_r["round_startup_s"] == [0.5, 0.7]
     start = shape_row(rows, "startup")
-    # 6 shapes x 2 relay rounds at 0.6 s, and the idle rounds at 0.5 and 0.7 s
+    # 7 shapes x 2 relay rounds at 0.6 s, and the idle rounds at 0.5 and 0.7 s
     assert (start["starts"], start["startup_s"], start["min_s"], start["max_s"]) == (
-        14,
+        16,
         0.6,
         0.5,
         0.7,
@@ -1119,7 +1121,7 @@ def test_idle_and_startup_rows() -> None:
     ) in text
     assert (
         'start-up, spawn of `cdc-relay run` → its "streaming" record: idle rounds 0.50 0.70 s; '
-        "median 0.60 s over all 14 starts in this section (0.50–0.70 s)"
+        "median 0.60 s over all 16 starts in this section (0.50–0.70 s)"
     ) in text
 
 
