@@ -712,6 +712,10 @@ def shape_rows(results: dict[str, Result], plan: Plan) -> list[Row]:
                 "same": _median(_per_round(same, _field("cpu_us_per_event"))),
                 "minimal": _median(_per_round(minimal, _field("cpu_us_per_event"))),
             },
+            "broker_cpu_us_per_event": {
+                name: _median(_per_round(r, _field("broker_cpu_us_per_event")))
+                for name, r in (("same", same), ("minimal", minimal), ("relay", relay))
+            },
             "body_bytes": bodies,
             "shape_mismatch": shape_mismatch(same, relay),
             "errors": _errors(same=same, minimal=minimal, relay=relay),
@@ -829,6 +833,11 @@ def shapes_table(table_rows: list[Row], plan: Plan) -> str:
             f"    bodies: relay {_bytes(b['relay'])}, same shape {_bytes(b['same'])} "
             f"({check}), minimal {_bytes(b['minimal'])}; ceiling publishers' CPU µs/ev: "
             f"same {_num(pub['same'])}, minimal {_num(pub['minimal'])}"
+        )
+        broker = r["broker_cpu_us_per_event"]
+        lines.append(
+            f"    broker CPU µs/ev: under the relay {_num(broker['relay'])}, same shape "
+            f"{_num(broker['same'])}, minimal {_num(broker['minimal'])}"
         )
         if "bytes_per_s" in r:
             bps = r["bytes_per_s"]

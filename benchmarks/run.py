@@ -208,6 +208,7 @@ class Bench:
         self._sql: psycopg.Connection[tuple[Any, ...]] | None = None
         self._broker: Broker | None = None
         self.children: list[Child] = []
+        self._broker_pids: list[int] = []  # found on first use
         self.meta: dict[str, Any] = {}
 
     # -- servers --------------------------------------------------------------------------------
@@ -342,7 +343,9 @@ class Bench:
             args += ["--minimal"] if minimal else []
             pub = self.child("pika-minimal" if minimal else "pika", "benchmarks.peers", args)
             ready = pub.expect("ready", timeout=60 + n / 5000)
+            broker0 = self.broker_cpu()
             t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=pub.alive)
+            broker1 = self.broker_cpu()
             done = pub.expect("done", timeout=60)
             pub.wait(30)
         seconds = t1 - ready["t"]
@@ -359,6 +362,7 @@ class Bench:
             "publisher_confirm_rate": done.get("rate"),
             "settle_s": round(settled, 1),
             "cpu_us_per_event": float(done.get("cpu_s", 0.0)) / n * 1e6,
+            "broker_cpu_us_per_event": (broker1 - broker0) / n * 1e6,
         }
 
     def ceiling_recvlogical(self, n: int, txn_size: int) -> Result:
@@ -448,10 +452,10 @@ class Bench:
                 spawned = time.time()
                 relay = self.relay(f"relay-{label}", slot, otel)
                 t0 = relay.wait_streaming()
-                cpu0 = relay.cpu()
+                cpu0, broker0 = relay.cpu(), self.broker_cpu()
                 walsender = self.walsender_pid(slot)
                 t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
-                cpu1 = relay.cpu()
+                cpu1, broker1 = relay.cpu(), self.broker_cpu()
                 # from the walsender's start: it serves this relay's connection alone, and it
                 # decodes ahead of the relay, some of it before its pid could be read
                 wal1 = _cpu_or_none(walsender)
@@ -491,6 +495,7 @@ class Bench:
             "cpu_us_per_event": (cpu1 - cpu0) / n * 1e6,
             "cpu_total_us_per_event": cpu1 / n * 1e6,
             "walsender_cpu_us_per_event": None if wal1 is None else wal1 / n * 1e6,
+            "broker_cpu_us_per_event": (broker1 - broker0) / n * 1e6,
             "peak_rss_mb": rss,
             "relay_log_problems": problems,
             **({"message": message} if message else {}),
@@ -673,6 +678,17 @@ class Bench:
                 }
             ),
         }
+
+    def broker_cpu(self) -> float:
+        """CPU seconds of the broker (its beam.smp processes), read per scenario: the broker
+        shares the two cores, so what a message shape costs it bounds every publisher."""
+        if not self._broker_pids:
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with suppress(OSError):
+                        if b"beam.smp" in (entry / "cmdline").read_bytes():
+                            self._broker_pids.append(int(entry.name))
+        return sum(_cpu_or_none(pid) or 0.0 for pid in self._broker_pids)
 
     def _server_cpu(self, broker: bool = True) -> float:
         """CPU seconds of every PostgreSQL process (postmaster and its children) and, with

@@ -781,6 +781,7 @@ def ceiling(n: int, rate: float, *, minimal: bool = False, body: int = 468) -> R
         "minimal": minimal,
         "publisher_confirm_rate": rate,
         "cpu_us_per_event": 12.0 if minimal else 18.0,
+        "broker_cpu_us_per_event": 70.0 if minimal else 90.0,
     }
 
 
@@ -799,6 +800,7 @@ def shape_drain(
     r.update(
         startup_s=startup,
         walsender_cpu_us_per_event=walsender,
+        broker_cpu_us_per_event=95.0,
         message={
             "body_bytes": body,
             "properties": RELAY_PROPS,
@@ -1174,3 +1176,18 @@ def test_big_txn_from_the_shapes_section() -> None:
     assert t["measured"] == "140 MB max over drains up to N=1M"
     assert t["met"] is True
     assert report.big_txn_key(healthy()) == "cdc_big_txn"
+
+
+def test_shape_rows_show_what_each_message_shape_costs_the_broker() -> None:
+    rows = report.shape_rows(shape_results(), QUICK)
+    row = shape_row(rows, "shape_txn1")
+    assert row["broker_cpu_us_per_event"] == {"same": 90.0, "minimal": 70.0, "relay": 95.0}
+    text = report.shapes_table(rows, QUICK)
+    assert "    broker CPU µs/ev: under the relay 95.0, same shape 90.0, minimal 70.0" in text
+    # a result from before the broker was measured prints a dash, not a zero
+    old = shape_results()
+    for k in ("shape_txn1_same", "shape_txn1_minimal", "shape_txn1_relay"):
+        for sample in old[k]["samples"]:
+            del sample["broker_cpu_us_per_event"]
+    text = report.shapes_table(report.shape_rows(old, QUICK), QUICK)
+    assert "    broker CPU µs/ev: under the relay –, same shape –, minimal –" in text
