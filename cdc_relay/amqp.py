@@ -332,29 +332,18 @@ def encode_event_properties(
         )
     k_at, k_ai, k_lsn, k_tp = _EVENT_KEYS
     size = _EVENT_TABLE_FIXED + len(at) + len(ai) + len(lsn)
-    if tp is None:
-        return b"".join(
-            (
-                head,
-                _U32_PACK(size),
-                k_at, _U32_PACK(len(at)), at,
-                k_ai, _U32_PACK(len(ai)), ai,
-                k_lsn, _U32_PACK(len(lsn)), lsn,
-                _U8_PACK(delivery_mode),
-                _U8_PACK(len(mid)), mid,
-                _U64_PACK(timestamp),
-                _U8_PACK(len(ty)), ty,
-                tail,
-            )
-        )  # fmt: skip
+    trace: tuple[bytes, ...] = ()
+    if tp is not None:
+        trace = (k_tp, _U32_PACK(len(tp)), tp)
+        size += len(k_tp) + 4 + len(tp)
     return b"".join(
         (
             head,
-            _U32_PACK(size + len(k_tp) + 4 + len(tp)),
+            _U32_PACK(size),
             k_at, _U32_PACK(len(at)), at,
             k_ai, _U32_PACK(len(ai)), ai,
             k_lsn, _U32_PACK(len(lsn)), lsn,
-            k_tp, _U32_PACK(len(tp)), tp,
+            *trace,
             _U8_PACK(delivery_mode),
             _U8_PACK(len(mid)), mid,
             _U64_PACK(timestamp),
