@@ -115,7 +115,7 @@ def connect(cfg: Config) -> Conn:
 
 
 @contextlib.contextmanager
-def _sql_errors(cfg: Config, what: str) -> Iterator[None]:
+def sql_errors(cfg: Config, what: str) -> Iterator[None]:
     """Turn a psycopg error into a typed one (one line, no traceback, no secrets)."""
     try:
         yield
@@ -207,7 +207,7 @@ def _relkind(conn: Conn, schema: str, name: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _table_columns(conn: Conn, schema: str, name: str) -> set[str]:
+def table_columns(conn: Conn, schema: str, name: str) -> set[str]:
     rows = conn.execute(
         "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -234,7 +234,7 @@ def check_outbox_table(conn: Conn, cfg: Config) -> None:
                 "only a table's INSERTs are replicated; set outbox_table to the table the "
                 "application inserts into"
             )
-        have = _table_columns(conn, schema, name)
+        have = table_columns(conn, schema, name)
         missing = [key for key in REQUIRED_COLUMNS if not have.intersection(cfg.columns(key))]
         if missing:
             described = ", ".join(
@@ -366,7 +366,7 @@ def check_publication(conn: Conn, cfg: Config) -> None:
         if isinstance(attnames, list):
             published = {str(a) for a in attnames}
             wanted = {c for key, _, _ in OUTBOX_COLUMNS for c in cfg.columns(key)}
-            left_out = sorted((wanted & _table_columns(conn, schema, name)) - published)
+            left_out = sorted((wanted & table_columns(conn, schema, name)) - published)
             if left_out:
                 raise SetupError(
                     f"publication {pub} has a column list for {table} that leaves out "
@@ -674,7 +674,7 @@ def init(cfg: Config, create_outbox: bool, *, deliberate: bool = True) -> list[s
     refused then (``vanished_slot_error``).
     """
     done: list[str] = []
-    with connect(cfg) as conn, _sql_errors(cfg, "running init"):
+    with connect(cfg) as conn, sql_errors(cfg, "running init"):
         check_server(conn)
         check_encoding(conn)
         slot_exists = _slot_exists(conn, cfg.slot)
@@ -725,7 +725,7 @@ def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = 
     if cfg.create_slot and allow_create:
         for action in init(cfg, create_outbox=False, deliberate=False):
             log.info(action, extra={"slot": cfg.slot, "publication": cfg.publication})
-    with connect(cfg) as conn, _sql_errors(cfg, "checking the slot and publication"):
+    with connect(cfg) as conn, sql_errors(cfg, "checking the slot and publication"):
         check_server(conn)
         check_encoding(conn)
         check_outbox_table(conn, cfg)
@@ -779,9 +779,9 @@ class PublicationCheck:
             conn = self._conn
             if conn is None or conn.closed:
                 conn = self._conn = connect(cfg)
-                with _sql_errors(cfg, "re-checking the publication"):
+                with sql_errors(cfg, "re-checking the publication"):
                     conn.execute(f"SET statement_timeout = '{WATERMARK_STATEMENT_TIMEOUT}'")
-            with _sql_errors(cfg, "re-checking the publication"):
+            with sql_errors(cfg, "re-checking the publication"):
                 watermark = current_wal_lsn(conn)
                 try:
                     check_publication(conn, cfg)
@@ -809,7 +809,7 @@ class PublicationCheck:
 
 
 def status(cfg: Config) -> SlotStatus:
-    with connect(cfg) as conn, _sql_errors(cfg, "reading the slot status"):
+    with connect(cfg) as conn, sql_errors(cfg, "reading the slot status"):
         current_lsn = current_wal_lsn(conn)
         row = _one(
             conn,
@@ -844,7 +844,7 @@ def status(cfg: Config) -> SlotStatus:
 def drop(cfg: Config) -> list[str]:
     """Drop the relay's slot and publication; a slot that is not the relay's is left alone."""
     done: list[str] = []
-    with connect(cfg) as conn, _sql_errors(cfg, "dropping the slot and publication"):
+    with connect(cfg) as conn, sql_errors(cfg, "dropping the slot and publication"):
         row = _one(
             conn,
             "SELECT s.active, s.active_pid, s.slot_type, s.plugin, d.datname, current_database() "

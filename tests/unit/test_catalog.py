@@ -124,7 +124,7 @@ def test_new_table_gets_the_newest_name_of_each_column() -> None:
 # -- psycopg errors become typed, one-line errors --------------------------------------------------
 def _translated(exc: psycopg.Error) -> Exception:
     cfg = _cfg()
-    with pytest.raises((SetupError, ConnectionLost)) as info, catalog._sql_errors(cfg, "doing x"):
+    with pytest.raises((SetupError, ConnectionLost)) as info, catalog.sql_errors(cfg, "doing x"):
         raise exc
     return info.value
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from cdc_relay import config
 from cdc_relay.config import Config, describe_settings, env_name, load, redact
 from cdc_relay.errors import ConfigError
+from cdc_relay.retention import parse_duration
 
 DSN = "postgresql://relay:pgsecret@db/app"
 AMQP = "amqp://relay:mqsecret@mq:5672/%2F"
@@ -544,3 +545,22 @@ def test_overrides_can_carry_typed_values() -> None:
     cfg = load(None, BASE_ENV, overrides)
     assert cfg.max_in_flight == 3
     assert cfg.create_slot is True
+
+
+# --- durations (cdc-relay prune --older-than) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7d", 604800), ("12h", 43200), ("90m", 5400), ("30s", 30), ("2w", 1209600),
+     ("1d12h", 129600), ("0s", 0), (" 1.5h ", 5400), ("1D", 86400)],
+)  # fmt: skip
+def test_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "7 days", "1y", "-1d", "1d-2h", "7dd"])
+def test_bad_durations_name_the_setting(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration(text)
+    assert "older_than: not a duration" in str(info.value)
