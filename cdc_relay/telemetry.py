@@ -430,7 +430,10 @@ class SessionObserver:
         self._pending_commits: deque[tuple[int, float]] = deque()
         # (delivery tag, publish time) for every 16th message: confirm latency samples
         self._latency_samples: deque[tuple[int, float]] = deque()
-        self._new_span: Any = None  # started by trace(), attached to its tag by on_publish
+        # spans started by trace(), by event id, until on_publish attaches them to their tag:
+        # the driver performs a whole drain's effects after the drain, so several events can
+        # be traced before the first of them is published
+        self._new_spans: dict[str, deque[Any]] = {}
         self._open_spans: list[Any] = []
         self._span_txns: deque[tuple[int, list[Any]]] = deque()
         self._unconfirmed_spans: deque[tuple[int, Any]] = deque()
@@ -448,7 +451,7 @@ class SessionObserver:
             tx.xid,
             self._slot,
         )
-        self._new_span = span
+        self._new_spans.setdefault(event.id, deque()).append(span)
         return traceparent
 
     def on_publish(self, effect: Publish, in_flight: int, in_flight_bytes: int) -> None:
@@ -463,9 +466,11 @@ class SessionObserver:
                 stats.invalid_events += 1
         if not tag & 15:
             self._latency_samples.append((tag, time.monotonic()))
-        span = self._new_span
-        if span is not None:
-            self._new_span = None
+        waiting = self._new_spans.get(effect.message.message_id) if self._new_spans else None
+        if waiting:
+            span = waiting.popleft()
+            if not waiting:
+                del self._new_spans[effect.message.message_id]
             self._open_spans.append(span)
             self._unconfirmed_spans.append((tag, span))
 
@@ -530,8 +535,13 @@ class SessionObserver:
         for span in self._open_spans + [s for _, spans in self._span_txns for s in spans]:
             span.set_attribute("cdc_relay.flushed", False)
             span.end()
+        for waiting in self._new_spans.values():  # traced, never published (refused rows)
+            for span in waiting:
+                span.set_attribute("cdc_relay.published", False)
+                span.end()
         self._open_spans = []
         self._span_txns.clear()
+        self._new_spans.clear()
         self._unconfirmed_spans.clear()
         stats = self._stats
         stats.streaming = False

@@ -670,7 +670,11 @@ def _observed_pipeline(
     return tel, observer, pipeline, apply
 
 
-def _one_transaction(pipeline: Pipeline, apply: Callable[[list[Effect]], None], n: int) -> Lsn:
+def _one_transaction(
+    pipeline: Pipeline, apply: Callable[[list[Effect]], None], n: int, batched: bool = False
+) -> Lsn:
+    """``batched``: the effects of the whole transaction are applied after it, as the daemon
+    applies a drain's effects after the drain."""
     rel = Relation(
         oid=1,
         namespace="public",
@@ -682,11 +686,16 @@ def _one_transaction(pipeline: Pipeline, apply: Callable[[list[Effect]], None], 
         ),
     )
     at = 0x200
+    held: list[Effect] = []
 
     def feed(message: bytes) -> None:
         nonlocal at
         at += 0x10
-        apply(pipeline.copy_data(b"w" + struct.pack("!QQq", at, at, 0) + message, 0.0))
+        effects = pipeline.copy_data(b"w" + struct.pack("!QQq", at, at, 0) + message, 0.0)
+        if batched:
+            held.extend(effects)
+        else:
+            apply(effects)
 
     feed(pg_encode(rel))
     feed(pg_encode(Begin(final_lsn=Lsn(0x900), commit_time=0, xid=5)))
@@ -694,6 +703,7 @@ def _one_transaction(pipeline: Pipeline, apply: Callable[[list[Effect]], None], 
         feed(pg_encode(Insert(1, (f"e{i}".encode(), b"o", b"1", b"T", b"{}", PARENT.encode()))))
     end = Lsn(0x1000)
     feed(pg_encode(Commit(flags=0, commit_lsn=Lsn(0x900), end_lsn=end, commit_time=0)))
+    apply(held)
     return end
 
 
@@ -712,12 +722,21 @@ def test_observer_counts_publishes_confirms_and_the_commit_to_confirm_histogram(
     assert stats.confirmed_lsn == end and stats.last_status_update > 0
 
 
+@pytest.mark.parametrize("batched", [False, True])
 def test_observer_spans_get_a_confirm_event_and_end_at_the_flush(
-    exporter: InMemorySpanExporter,
+    exporter: InMemorySpanExporter, batched: bool
 ) -> None:
+    """Also when several events are traced before the first is published (a drain's effects
+    are performed after the drain): every span stays with its own event."""
     tracing = Tracing(True, exporter=exporter)
     _tel, _observer, pipeline, apply = _observed_pipeline(tracing)
-    _one_transaction(pipeline, apply, 2)
+    sent: list[Publish] = []
+
+    def keep(effects: list[Effect]) -> None:
+        sent.extend(e for e in effects if isinstance(e, Publish))
+        apply(effects)
+
+    _one_transaction(pipeline, keep, 2, batched)
     apply(pipeline.ack(2, True))
     tracing._provider.force_flush()
     assert exporter.get_finished_spans() == (), "spans end when the flush is reported"
@@ -728,6 +747,11 @@ def test_observer_spans_get_a_confirm_event_and_end_at_the_flush(
         names = [e.name for e in span.events]
         assert names == [telemetry.EVENT_CONFIRM, telemetry.EVENT_FLUSH]
         assert span.parent is not None and f"{span.parent.span_id:016x}" == PARENT_SPAN_ID
+    # the traceparent each message carries names the span of that message's event
+    by_id = {s.attributes["messaging.message.id"]: s for s in spans if s.attributes}
+    for publish in sent:
+        span_id = str(publish.message.headers["traceparent"]).split("-")[2]
+        assert f"{by_id[publish.message.message_id].context.span_id:016x}" == span_id
 
 
 def test_observer_ends_unflushed_spans_on_finish(exporter: InMemorySpanExporter) -> None:
