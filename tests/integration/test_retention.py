@@ -80,3 +80,38 @@ def test_prune_says_what_is_wrong_in_one_line(env: Env) -> None:
     renamed = env.cli("prune", "--older-than", "7d", env=env.relay_env(column_created_at="made"))
     assert renamed.returncode == 0, renamed.stderr
     assert "public.outbox: deleted 0 rows with made before" in renamed.stdout
+
+
+def test_retained_rows_can_be_sent_again_with_their_ids(env: Env) -> None:
+    """The README's way to re-send retained rows through a new slot after a failover lost the
+    old one: delete and re-insert them in one transaction. They go out again with the same
+    ids, in the order the re-insert gives them."""
+    env.init()
+    relay = env.start_relay()
+    relay.wait_streaming()
+    rows = [outbox_row(f"R-{i % 2}", i // 2) for i in range(6)]
+    with env.sql() as conn, conn.transaction():
+        insert_events(conn, rows)
+    first = [d.message_id for d in env.consume(6, settle=0.5)]
+    assert relay.terminate() == 0
+    with env.sql() as conn:  # the slot is lost, as on a promoted replica before PostgreSQL 17
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (env.name,))
+    refused = env.start_relay()
+    assert refused.proc.wait(60) == 1
+    assert "existed and is gone" in refused.log()
+    out = env.cli("init")
+    assert out.returncode == 0, out.stderr
+    relay = env.start_relay()
+    relay.wait_streaming()
+    with env.sql() as conn, conn.transaction():
+        conn.execute(
+            "CREATE TEMP TABLE again ON COMMIT DROP AS SELECT * FROM outbox "
+            "WHERE created_at >= now() - interval '1 hour'"
+        )
+        conn.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM again)")
+        conn.execute("INSERT INTO outbox SELECT * FROM again ORDER BY created_at, id")
+    again = [d.message_id for d in env.consume(6, settle=1.0)]
+    # the same events and ids; their order is the ORDER BY's: created_at is the inserting
+    # transaction's time, shared by all six here, so id decides
+    assert again == sorted(first)
+    assert relay.terminate() == 0
