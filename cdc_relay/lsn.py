@@ -8,6 +8,7 @@ hot path while still printing the way operators read it in ``pg_replication_slot
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from cdc_relay.errors import ConfigError
 
@@ -43,3 +44,7 @@ class Lsn(int):
 
 
 ZERO = Lsn(0)
+
+new_unchecked: Final = int.__new__
+"""``new_unchecked(Lsn, value)``: an Lsn without the range check, for positions read off the
+wire (every unsigned 64-bit value PostgreSQL sends is a valid LSN); several per WAL message."""

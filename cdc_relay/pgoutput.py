@@ -22,6 +22,7 @@ import msgspec
 
 from cdc_relay.errors import DecodeError
 from cdc_relay.lsn import Lsn
+from cdc_relay.lsn import new_unchecked as _new_lsn
 
 
 class UnchangedToast:
@@ -161,7 +162,6 @@ _N = 0x4E  # 'N' new tuple
 _K = 0x4B  # 'K' old key
 _O = 0x4F  # 'O' old tuple
 
-_new_lsn: Final = int.__new__  # every unsigned 64-bit value is a valid LSN: skip Lsn's range check
 
 _LATER_PROTOCOL_KINDS: Final = {
     ord("S"): "Stream Start (protocol version 2)",

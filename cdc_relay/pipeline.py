@@ -37,6 +37,7 @@ from cdc_relay.errors import (
     RelayError,
 )
 from cdc_relay.lsn import Lsn
+from cdc_relay.lsn import new_unchecked as _new_lsn
 from cdc_relay.messages import MessageBuilder, OutgoingMessage, TransactionInfo
 from cdc_relay.outbox import OutboxEvent, OutboxMapper
 from cdc_relay.pgoutput import (
@@ -65,7 +66,6 @@ TICK = 1.0  # seconds between the driver's ticks; status updates while paused co
 HEALTHY_AFTER = 60.0  # seconds of streaming after which a failure restarts the backoff afresh
 _BEGIN = ord("B")
 _COMMIT = ord("C")
-_new_lsn = int.__new__  # a position read off the wire is a valid LSN: skip Lsn's range check
 
 # Errors about the data itself: the broker is fine, so the events before the bad one are let
 # finish (halt) instead of being thrown away with the connection.

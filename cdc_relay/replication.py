@@ -20,6 +20,7 @@ import msgspec
 
 from cdc_relay.errors import DecodeError
 from cdc_relay.lsn import Lsn
+from cdc_relay.lsn import new_unchecked as _new_lsn
 
 PG_EPOCH_UNIX: Final = 946684800
 """2000-01-01 00:00:00 UTC as a Unix timestamp: PostgreSQL's epoch for replication clocks."""
@@ -41,8 +42,6 @@ _STATUS_PACK = _STATUS.pack
 
 _W: Final = 0x77  # 'w'
 _KA: Final = 0x6B  # 'k'
-
-_new_lsn: Final = int.__new__  # every unsigned 64-bit value is a valid LSN: skip Lsn's check
 
 
 class XLogData(msgspec.Struct, frozen=True):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,7 +103,6 @@ def prune(
                     progress(table, rows)
                 if cur.rowcount < batch:
                     break
-                time.sleep(0)  # let signals in between batches
             done.append(Pruned(table, column, cutoff, rows, batches, False))
     return done
 
