@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeAlias
@@ -464,31 +464,51 @@ def _publication_comment(conn: Conn, publication: str) -> str | None:
     return None if row is None or row[0] is None else str(row[0])
 
 
+def slot_marker(conn: Conn, cfg: Config, lsn: str, how: str) -> SlotMarker:
+    """The marker line for ``cfg.slot`` at ``lsn`` on this server, stamped now."""
+    system_id, timeline = _system(conn)
+    return SlotMarker(cfg.slot, lsn, system_id, timeline, _utc_now(), how)
+
+
+def publication_comment(conn: Conn, publication: str) -> str | None:
+    return _publication_comment(conn, publication)
+
+
+def update_comment(conn: Conn, cfg: Config, edit: Callable[[str | None], str]) -> str | None:
+    """Rewrite the publication's comment as ``edit(old)``: None when done, else why not
+    (the role does not own the publication, or the server is a read-only standby).
+
+    The read and the write happen under one transaction-level advisory lock, so relays that
+    share the publication (one slot each) never overwrite each other's lines.
+    """
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('cdc-relay publication comment'))")
+            comment = edit(_publication_comment(conn, cfg.publication))
+            conn.execute(
+                sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
+                    sql.Identifier(cfg.publication), sql.Literal(comment)
+                )
+            )
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+        return redact(exc.diag.message_primary or str(exc))
+    return None
+
+
 def _write_marker(conn: Conn, cfg: Config, lsn: str, how: str) -> str | None:
     """Record the slot in the publication's comment; what was done, or None if not allowed.
 
     Refused (not the publication's owner, a read-only standby): the relay still works, it just
     cannot tell a lost slot from a new one later, so this is a warning, not a failure.
     """
-    system_id, timeline = _system(conn)
-    marker = SlotMarker(cfg.slot, lsn, system_id, timeline, _utc_now(), how)
-    comment = with_marker(_publication_comment(conn, cfg.publication), marker)
-    try:
-        conn.execute(
-            sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
-                sql.Identifier(cfg.publication), sql.Literal(comment)
-            )
-        )
-    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+    marker = slot_marker(conn, cfg, lsn, how)
+    refused = update_comment(conn, cfg, lambda comment: with_marker(comment, marker))
+    if refused is not None:
         log.warning(
             "cannot record the slot in the publication's comment, so a later loss of the slot "
             "cannot be told from a first start: give the relay's role ownership of the "
             "publication, and keep create_slot off",
-            extra={
-                "slot": cfg.slot,
-                "publication": cfg.publication,
-                "error": redact(exc.diag.message_primary or str(exc)),
-            },
+            extra={"slot": cfg.slot, "publication": cfg.publication, "error": refused},
         )
         return None
     return f"recorded slot {cfg.slot} in the comment of publication {cfg.publication}"
@@ -509,11 +529,39 @@ def vanished_slot_error(cfg: Config, marker: SlotMarker, system: tuple[str, int]
         f"{marker.timeline} ({marker.at}){moved}. A failover to a replica, a dropped slot or a "
         "restore from a base backup loses a slot; a new one would start at the current WAL "
         "position and skip every outbox event committed in between, so the relay will not "
-        "create it on its own, whatever create_slot says. Recover: publish what the old slot "
-        "had not relayed by reconciling from the outbox table (rows committed since "
-        f"{marker.at}), then run `cdc-relay init` to create the slot deliberately",
+        "create it on its own, whatever create_slot says. Recover with `cdc-relay recover "
+        f"--since TIMESTAMP`: it creates the slot and first re-sends every retained outbox row "
+        f"of TIMESTAMP or later (same message ids). {_SINCE_HINT} {marker.at} (when the slot "
+        "was recorded) is always early enough",
         slot=cfg.slot,
         publication=cfg.publication,
+    )
+
+
+_SINCE_HINT = (
+    "Use the committed_at of the last event your consumers are known to have, or earlier: "
+    "rows before TIMESTAMP are not re-sent, rows after it that were delivered come again with "
+    "the same id."
+)
+
+
+def lost_slot_error(conn: Conn, cfg: Config, confirmed: object) -> SetupError:
+    """The refusal for an invalidated slot, with what it knows to choose ``recover --since``."""
+    marker = parse_markers(_publication_comment(conn, cfg.publication)).get(cfg.slot)
+    since = (
+        f" {marker.at} (when the slot was recorded) is always early enough."
+        if marker is not None
+        else ""
+    )
+    return SetupError(
+        f"slot {cfg.slot} is invalidated (wal_status = lost): the WAL it needed was removed "
+        "(max_slot_wal_keep_size), so events committed after its confirmed position "
+        f"{confirmed} cannot be streamed from it. Recover with `cdc-relay recover --since "
+        "TIMESTAMP`: it replaces the slot and first re-sends every retained outbox row of "
+        f"TIMESTAMP or later (same message ids). {_SINCE_HINT}{since} The relay never "
+        "recreates the slot on its own",
+        slot=cfg.slot,
+        confirmed_flush_lsn=confirmed,
     )
 
 
@@ -583,13 +631,7 @@ def check_slot(conn: Conn, cfg: Config, own_pids: Collection[int] = ()) -> Lsn:
             slot=slot,
         )
     if wal_status == "lost":
-        raise SetupError(
-            f"slot {slot} is invalidated (wal_status = lost): the WAL it needed was removed "
-            "(max_slot_wal_keep_size) and events in it cannot be recovered from the slot. "
-            "Reconcile from the outbox table, then `cdc-relay drop --yes` and `cdc-relay init`; "
-            "the relay never recreates it on its own",
-            slot=slot,
-        )
+        raise lost_slot_error(conn, cfg, confirmed)
     if two_phase:
         raise SetupError(
             f"slot {slot} was created with two_phase = true: PostgreSQL would send prepared "
@@ -629,6 +671,14 @@ def _busy(slot: str, active_pid: object, own_pids: Collection[int]) -> SlotBusy:
     )
 
 
+def slot_exists(conn: Conn, slot: str) -> bool:
+    return _slot_exists(conn, slot)
+
+
+def check_not_vanished(conn: Conn, cfg: Config) -> None:
+    _check_not_vanished(conn, cfg)
+
+
 def _slot_exists(conn: Conn, slot: str) -> bool:
     return _one(conn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", slot) is not None
 
@@ -664,14 +714,17 @@ def _create_slot(conn: Conn, cfg: Config) -> list[str]:
 
 
 # -- commands --------------------------------------------------------------------------------------
-def init(cfg: Config, create_outbox: bool, *, deliberate: bool = True) -> list[str]:
+def init(
+    cfg: Config, create_outbox: bool, *, deliberate: bool = True, slot: bool = True
+) -> list[str]:
     """Create what is missing (outbox, publication, slot); idempotent. Returns what was done.
 
     An existing slot or publication that is wrong (other plugin or database, invalidated,
     two-phase, FOR ALL TABLES, ...) is refused before anything is created; it is never silently
     reused. ``deliberate`` is an operator's ``cdc-relay init``: it creates the slot even when
     the marker says one existed before. ``run`` with ``create_slot`` passes False and is
-    refused then (``vanished_slot_error``).
+    refused then (``vanished_slot_error``). ``slot=False`` leaves the slot to the caller (a
+    backfill creates it with an exported snapshot).
     """
     done: list[str] = []
     with connect(cfg) as conn, sql_errors(cfg, "running init"):
@@ -707,10 +760,11 @@ def init(cfg: Config, create_outbox: bool, *, deliberate: bool = True) -> list[s
                 )
                 done.append(f"created publication {cfg.publication}")
         check_publication(conn, cfg)
-        if not slot_exists:
+        if not slot_exists and slot:
             done += _create_slot(conn, cfg)
-        with contextlib.suppress(SlotBusy):
-            check_slot(conn, cfg)
+        if slot or slot_exists:
+            with contextlib.suppress(SlotBusy):
+                check_slot(conn, cfg)
     return done
 
 

@@ -8,6 +8,7 @@ slot, a wrong password) ends in one readable line and a distinct exit code, neve
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -15,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdc_relay import __version__, catalog, config, logs, retention
+from cdc_relay import __version__, backfill, catalog, config, logs, replay, retained, retention
 from cdc_relay.errors import ConfigError, RelayError
+from cdc_relay.signals import StopSignal
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -40,6 +42,30 @@ PRUNE_EXAMPLES = """\
 examples:
   cdc-relay prune --older-than 7d            # keep a week of rows for replay and audits
   cdc-relay prune --older-than 30d --dry-run # how many rows a prune would delete
+
+"""
+
+
+BACKFILL_EXAMPLES = """\
+examples:
+  cdc-relay init --backfill          # new slot; publish the rows already in the outbox first
+  cdc-relay init --backfill          # again after a crash or SIGTERM: continues where it was
+
+"""
+
+RECOVER_EXAMPLES = """\
+examples:
+  cdc-relay recover --since 2026-11-28T09:00:00Z   # slot lost: re-send rows from 09:00 on
+  cdc-relay recover --since 6h                     # rows of the last six hours
+
+"""
+
+REPLAY_EXAMPLES = """\
+examples:
+  cdc-relay replay --since 2026-11-28T09:00Z --until 2026-11-28T10:00Z
+  cdc-relay replay --aggregate-type order --aggregate-id 4711
+  cdc-relay replay --ids lost-ids.txt           # one id per line
+  cdc-relay replay --since 1h --dry-run         # how many rows it would send
 
 """
 
@@ -96,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "init",
         parents=[common],
         formatter_class=fmt,
-        epilog=_epilog(),
-        help="create publication and slot (idempotent)",
+        epilog=BACKFILL_EXAMPLES + _epilog(),
+        help="create publication and slot (idempotent); --backfill: publish existing rows",
         description="Create the publication (outbox table only, inserts and truncates) and the "
         "pgoutput slot if they are missing. Safe to run any number of times. A slot it creates "
         "is recorded in the publication's comment, so `run` (even with create_slot) refuses to "
@@ -108,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--create-outbox",
         action="store_true",
         help="also create the outbox table (same DDL as sql/outbox.sql) if it is missing",
+    )
+    p.add_argument(
+        "--backfill",
+        action="store_true",
+        help="create the slot with an exported snapshot and publish (with confirms) every "
+        "outbox row committed before it, ordered by created_at then id, marked "
+        "source.snapshot = true; then `run` streams what follows. Interrupted, it continues "
+        "on the next `init --backfill` or `run`",
     )
     p.set_defaults(func=cmd_init)
 
@@ -162,6 +196,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="count the rows, delete nothing")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "recover",
+        parents=[common],
+        formatter_class=fmt,
+        epilog=RECOVER_EXAMPLES + _epilog(),
+        help="replace a lost slot and re-send the retained rows it may not have relayed",
+        description="For a slot that is lost (wal_status = lost, dropped, or missing after a "
+        "failover or restore): drop the invalidated slot, create a new one with an exported "
+        "snapshot, publish (with confirms) every retained outbox row of time TIMESTAMP or "
+        "later in that snapshot, then leave the slot to `run`, which streams everything after "
+        "it. A row's time is its commit time when track_commit_timestamp is on, else its "
+        "created_at. Choose TIMESTAMP at or before the last event you know was delivered: "
+        "rows delivered before are sent again with the same message_id (consumers dedupe), "
+        "rows older than TIMESTAMP are not sent. Rows already pruned cannot be recovered.",
+    )
+    p.add_argument(
+        "--since",
+        required=True,
+        metavar="TIMESTAMP",
+        help="ISO 8601 time (no zone: UTC), or a duration ago such as 6h or 1d12h",
+    )
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        formatter_class=fmt,
+        epilog=REPLAY_EXAMPLES + _epilog(),
+        help="publish retained outbox rows again (same message_id), e.g. after a queue purge",
+        description="Publish selected rows of the outbox table again, as the same events: "
+        "same message_id, routing key, headers and envelope, plus the header "
+        "x-cdc-relay-replay (this replay's id) and source.snapshot = true with positions 0/0 "
+        "(a row's WAL position is not in the table). Filters combine (AND); at least one, or "
+        "--all, is required. The slot is not touched, so it is safe beside a running relay. "
+        "Exit 0 only when the broker confirmed every selected row.",
+    )
+    p.add_argument("--since", metavar="TIMESTAMP", help="rows of this time or later")
+    p.add_argument("--until", metavar="TIMESTAMP", help="rows before this time")
+    p.add_argument("--aggregate-type", metavar="TYPE", help="rows of this aggregate type")
+    p.add_argument("--aggregate-id", metavar="ID", help="rows of this aggregate id")
+    p.add_argument("--ids", type=Path, metavar="FILE", help="rows whose id is listed, one per line")
+    p.add_argument("--all", action="store_true", help="every retained row")
+    p.add_argument("--dry-run", action="store_true", help="print how many rows, send nothing")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 
@@ -178,10 +257,146 @@ def cmd_run(cfg: config.Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_init(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.backfill:
+        stop = StopSignal()
+        stop.install()
+        result = backfill.start(
+            cfg, create_outbox=args.create_outbox, stop=stop, progress=_progress_display()
+        )
+        if result is None:
+            print(
+                f"nothing to backfill: slot {cfg.slot} exists and has no backfill pending "
+                "(to send retained rows again, use `cdc-relay replay`)"
+            )
+            return EXIT_OK
+        return _backfilled(result, "init --backfill")
     done = catalog.init(cfg, create_outbox=args.create_outbox)
     for line in done or ["nothing to do: outbox, publication and slot exist"]:
         print(line)
     return EXIT_OK
+
+
+def _backfilled(result: backfill.Result, again: str) -> int:
+    for line in result.lines:
+        print(line)
+    if not result.complete:
+        print(
+            f"cdc-relay: backfill stopped after {result.rows} confirmed rows; `cdc-relay "
+            f"{again}` or `cdc-relay run` continues it (nothing is lost meanwhile: the slot "
+            "keeps every later change)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _progress_display() -> backfill.OnProgress:
+    """A bar on a terminal; otherwise a structured log line every 5 s."""
+    log = logging.getLogger("cdc_relay.backfill")
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(p: backfill.Progress) -> None:
+        now = time.monotonic()
+        finished = not p.table
+        if now - last[0] < (0.2 if tty else 5.0) and not finished:
+            return
+        last[0] = now
+        rate = p.rows / p.elapsed if p.elapsed > 0 else 0.0
+        if tty:
+            share = p.rows / p.total if p.total else 1.0
+            bar = "#" * int(share * 30)
+            sys.stderr.write(
+                f"\rbackfill [{bar:<30}] {share:4.0%} {p.rows:,}/{p.total:,} rows "
+                f"{rate:,.0f}/s" + ("\n" if finished else "")
+            )
+            sys.stderr.flush()
+        else:
+            log.info(
+                "backfill progress",
+                extra={
+                    "rows": p.rows,
+                    "total": p.total,
+                    "table": p.table,
+                    "rows_per_s": round(rate),
+                },
+            )
+
+    return show
+
+
+def cmd_recover(cfg: config.Config, args: argparse.Namespace) -> int:
+    since = parse_time(args.since, "since")
+    stop = StopSignal()
+    stop.install()
+    result = backfill.recover(cfg, since, stop=stop, progress=_progress_display())
+    code = _backfilled(result, f"recover --since {since.isoformat()}")
+    if code == EXIT_OK:
+        print(f"recovered: start (or restart) `cdc-relay run` to stream slot {cfg.slot}")
+    return code
+
+
+def cmd_replay(cfg: config.Config, args: argparse.Namespace) -> int:
+    ids = None
+    if args.ids is not None:
+        try:
+            text = args.ids.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("ids", f"cannot read {args.ids}: {exc}") from None
+        ids = tuple(line.strip() for line in text.splitlines() if line.strip())
+    selection = retained.Selection(
+        since=None if args.since is None else parse_time(args.since, "since"),
+        until=None if args.until is None else parse_time(args.until, "until"),
+        aggregate_type=args.aggregate_type,
+        aggregate_id=args.aggregate_id,
+        ids=ids,
+    )
+    if selection == retained.Selection() and not args.all:
+        raise ConfigError(
+            "replay",
+            "say which rows: --since/--until, --aggregate-type/--aggregate-id, --ids, "
+            "or --all for every retained row",
+        )
+    stop = StopSignal()
+    stop.install()
+
+    def progress(confirmed: int, selected: int) -> None:
+        logging.getLogger("cdc_relay.replay").info(
+            "replay progress", extra={"confirmed": confirmed, "selected": selected}
+        )
+
+    done = replay.replay(cfg, selection, dry_run=args.dry_run, stop=stop, progress=progress)
+    what = selection.describe()
+    if done.dry_run:
+        print(f"would replay {done.selected} rows ({what})")
+        return EXIT_OK
+    line = (
+        f"replay {done.replay_id}: {done.confirmed} of {done.selected} rows confirmed ({what})"
+        + (f", {done.diverted} to the dead-letter exchange" if done.diverted else "")
+    )
+    if done.complete:
+        print(line)
+        return EXIT_OK
+    reason = f": {config.redact(str(done.error))}" if done.error else " (stopped)"
+    print(f"cdc-relay: {line}{reason}; run it again to send the rest", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def parse_time(text: str, setting: str) -> dt.datetime:
+    """An ISO 8601 time (no zone means UTC) or a duration ago (``6h``, ``1d12h``)."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            ago = retention.parse_duration(text, setting)
+        except ConfigError:
+            raise ConfigError(
+                setting,
+                f"not a time (expected ISO 8601 such as 2026-11-28T09:00:00Z) or a "
+                f"duration ago (such as 6h): {text!r}",
+            ) from None
+        return dt.datetime.now(dt.UTC) - ago
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:

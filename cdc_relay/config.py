@@ -47,6 +47,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     declare_exchange: bool = True
     routing_key: str = "{aggregatetype}.{type}"
     create_slot: bool = False
+    backfill: bool = False
     max_in_flight: int = 2000
     max_in_flight_bytes: int = 64 * 1024 * 1024
     max_in_flight_per_aggregate: int = 0
@@ -116,6 +117,8 @@ HELP: dict[str, str] = {
     "declare_exchange": "declare the exchange (durable) at start; false if it is managed elsewhere",
     "routing_key": "routing key template; fields: {aggregatetype} {aggregateid} {type}",
     "create_slot": "let `run` create a missing slot and publication (otherwise `init` does)",
+    "backfill": "with create_slot: a slot `run` creates first publishes the rows already in the "
+    "outbox (as `init --backfill` does), then streams",
     "max_in_flight": "unconfirmed messages allowed before the relay stops reading the WAL",
     "max_in_flight_bytes": "unconfirmed message bytes allowed before the relay stops reading "
     "the WAL (bounds memory when events are large)",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from pika.adapters.select_connection import IOLoop, PollEvents
 
-from cdc_relay import catalog, failpoints
+from cdc_relay import backfill, catalog, failpoints
 from cdc_relay.config import Config
 from cdc_relay.errors import (
     POSTGRES,
@@ -500,6 +500,7 @@ class Relay:
         self._careful = False
         self._slot_seen = False
         self._own_pids: tuple[int, ...] = ()
+        self._backfilled = False
         self.telemetry = Telemetry.create(cfg.slot, cfg.alert_latency, tracing_requested())
 
     def backoff(self) -> float:
@@ -523,7 +524,41 @@ class Relay:
                 return
             self.stop.wait(min(left, 1.0))
 
+    def _backfill(self) -> bool:
+        """Finish (or, with create_slot and backfill, start) the slot's backfill before
+        streaming it; False when a stop request interrupted it."""
+        if self._backfilled:
+            return True
+        stats = self.telemetry.stats
+        last = [0.0]
+
+        def progress(p: backfill.Progress) -> None:
+            now = time.time()
+            stats.last_loop_tick = stats.last_progress = now  # a backfill is progress
+            if now - last[0] >= 5.0 or not p.table:
+                last[0] = now
+                log.info(
+                    "backfill progress",
+                    extra={"slot": self.cfg.slot, "rows": p.rows, "total": p.total},
+                )
+
+        result = backfill.before_streaming(
+            self.cfg,
+            allow_create=self.cfg.create_slot and not self._slot_seen,
+            stop=self.stop,
+            progress=progress,
+        )
+        if result is not None:
+            for line in result.lines:
+                log.info(line, extra={"slot": self.cfg.slot})
+            if not result.complete:
+                return False
+        self._backfilled = True
+        return True
+
     def _session(self) -> Outcome:
+        if not self._backfill():
+            return Outcome(healthy=True, careful=self._careful, error=None)
         session = Session(
             self.cfg,
             self.stop,

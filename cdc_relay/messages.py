@@ -54,17 +54,24 @@ INVALID_EVENT_TYPE = "cdc-relay.invalid_event"
 INVALID_ROUTING_KEY = "cdc-relay.invalid"
 # headers the relay sets on every event; a row may not set them
 RELAY_HEADERS = ("aggregate_type", "aggregate_id", "source_lsn", "traceparent", "tracestate")
+REPLAY_HEADER = "x-cdc-relay-replay"  # on a re-published event: the replay's id
 _RESERVED = frozenset(("cc", "bcc", *RELAY_HEADERS))
 _REASON_MAX = 512  # bytes of x-cdc-relay-reason: bounded, so a dead letter always fits a frame
 _NULL = msgspec.Raw(b"null")
 
 
-class Source(msgspec.Struct, frozen=True):
+class Source(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Where an event came from. ``snapshot`` is true for an event read from the outbox
+    *table* (backfill, recover, replay) instead of the WAL: its ``lsn`` and ``commit_lsn`` are
+    then the position of the snapshot it was read in (every such row committed before it), or
+    ``0/0`` for a replay, not the row's own. Streamed events leave it out (false)."""
+
     lsn: str  # the INSERT's WAL position
     commit_lsn: str
     txid: int
     slot: str
     database: str
+    snapshot: bool = False
 
 
 class EnvelopeV1(msgspec.Struct, frozen=True, tag_field="v", tag=1):
@@ -116,10 +123,31 @@ class TransactionInfo:
     The derived values are computed once here, at Begin, not once per event.
     """
 
-    __slots__ = ("commit_lsn", "commit_lsn_text", "commit_time", "committed_at", "timestamp", "xid")
+    __slots__ = (
+        "commit_lsn",
+        "commit_lsn_text",
+        "commit_time",
+        "committed_at",
+        "replay",
+        "snapshot",
+        "timestamp",
+        "xid",
+    )
 
-    def __init__(self, xid: int, commit_lsn: Lsn, commit_time: int) -> None:
+    def __init__(
+        self,
+        xid: int,
+        commit_lsn: Lsn,
+        commit_time: int,
+        *,
+        snapshot: bool = False,
+        replay: str | None = None,
+    ) -> None:
+        """``snapshot``: the event was read from the table (see ``Source.snapshot``);
+        ``replay``: the replay's id, sent in the ``x-cdc-relay-replay`` header."""
         self.xid = xid
+        self.snapshot = snapshot
+        self.replay = replay
         self.commit_lsn = commit_lsn
         self.commit_time = commit_time  # µs since 2000-01-01 UTC
         self.commit_lsn_text = str(commit_lsn)
@@ -222,8 +250,11 @@ class MessageBuilder:
             traceparent = event.traceparent
         if traceparent:
             headers["traceparent"] = traceparent
+        replay = tx.replay
+        if replay is not None:
+            headers[REPLAY_HEADER] = replay
         body = self._body(event, tx, lsn)
-        properties = self._properties(event, tx, headers, row_headers is None)
+        properties = self._properties(event, tx, headers, row_headers is None and replay is None)
         return OutgoingMessage(
             exchange=exchange,
             routing_key=routing_key,
@@ -405,6 +436,7 @@ class MessageBuilder:
                 txid=tx.xid,
                 slot=self._slot,
                 database=self._database,
+                snapshot=tx.snapshot,
             ),
         )
         try:

@@ -304,6 +304,26 @@ class ReplicationStream:
             dbname=_get(res, 3),
         )
 
+    def create_exported_slot(self) -> tuple[Lsn, str]:
+        """Create the slot with an exported snapshot: (consistent point, snapshot name).
+
+        Rows visible in that snapshot are exactly those committed before the slot's first
+        change, so reading them there and then streaming the slot sees every row once. The
+        snapshot can be imported (``SET TRANSACTION SNAPSHOT``) until this connection runs
+        another command or closes. From PostgreSQL 17 on the slot is a failover slot.
+        """
+        version = self.pgconn.server_version
+        name = quote_ident(self._slot)
+        if version >= 150000:
+            options = ["SNAPSHOT 'export'"]
+            if version >= 170000:
+                options.append("FAILOVER true")
+            command = f"CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput ({', '.join(options)})"
+        else:
+            command = f"CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput EXPORT_SNAPSHOT"
+        res = self._exec(command, pq.ExecStatus.TUPLES_OK)
+        return Lsn.parse(_get(res, 1)), _get(res, 2)
+
     def _exec(self, command: str, expected: pq.ExecStatus) -> pq.abc.PGresult:
         """Run one replication command (blocking; only used before streaming starts)."""
         what = command.split(maxsplit=1)[0]

@@ -235,8 +235,8 @@ def test_dropped_slot_is_not_recreated_by_create_slot(db: Db) -> None:
         assert f"replication slot {db.name} existed and is gone" in text
         assert f"created at {created.lsn} on system {created.system_id}" in text
         assert "skip every outbox event committed in between" in text
-        assert "reconciling from the outbox table" in text
-        assert "`cdc-relay init`" in text
+        assert "Recover with `cdc-relay recover --since TIMESTAMP`" in text
+        assert "`cdc-relay recover --since" in text
         assert "this server is system" not in text  # same server: dropped, not a failover
         assert not info.value.retryable
     assert not db.slot_exists()

@@ -201,13 +201,15 @@ def test_lost_slot_fails_closed_and_is_never_recreated(env: Env) -> None:
         _cli_fails(env, "init", "--create-outbox"),
     ):
         assert f"slot {env.name} is invalidated (wal_status = lost)" in text
-        assert "`cdc-relay drop --yes` and `cdc-relay init`" in text
-        assert "never recreates it" in text
+        assert "Recover with `cdc-relay recover --since TIMESTAMP`" in text
+        assert "(when the slot was recorded) is always early enough" in text
+        assert "never recreates the slot on its own" in text
     # still there, still lost: nothing recreated or advanced it
     assert _slot(env) == ("pgoutput", env.dbname, "lost")
     # the fix the message gives works
-    assert f"dropped slot {env.name}" in _cli_ok(env, "drop", "--yes")
-    assert f"created slot {env.name}" in _cli_ok(env, "init")
+    out = _cli_ok(env, "recover", "--since", "1h")
+    assert f"dropped invalidated slot {env.name}" in out
+    assert f"created slot {env.name} at " in out and "with an exported snapshot" in out
     assert _slot(env) == ("pgoutput", env.dbname, "reserved")
 
 

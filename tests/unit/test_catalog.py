@@ -277,8 +277,8 @@ def test_vanished_slot_error_says_what_happened_and_how_to_recover() -> None:
     assert "replication slot cdc_relay existed and is gone" in text
     assert "created at 0/16B3748 on system 7301234567890123456 timeline 1" in text
     assert "skip every outbox event committed in between" in text
-    assert "reconciling from the outbox table" in text
-    assert "`cdc-relay init`" in text
+    assert "Recover with `cdc-relay recover --since TIMESTAMP`" in text
+    assert "`cdc-relay recover --since" in text
     assert "this server is system" not in text
     moved = str(catalog.vanished_slot_error(cfg, MARKER, ("7301234567890123456", 2)))
     assert "this server is system 7301234567890123456 timeline 2" in moved
