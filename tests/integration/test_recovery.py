@@ -39,9 +39,9 @@ def _prefill(env: Env, rows: int, aggregates: int) -> list[str]:
         for start in range(0, rows, 10_000):
             conn.execute(
                 "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
-                "SELECT gen_random_uuid(), 'order', 'PRE-' || (i %% %(a)s::int), 'OrderPlaced', "
-                "jsonb_build_object('seq', i / %(a)s::int, 'aggregate', 'PRE-' || (i %% %(a)s::int)) "
-                "FROM generate_series(%(lo)s::int, %(hi)s::int) AS i",
+                "SELECT gen_random_uuid(), 'order', 'PRE-' || i %% a, 'OrderPlaced', "
+                "jsonb_build_object('seq', i / a, 'aggregate', 'PRE-' || i %% a) "
+                "FROM generate_series(%(lo)s::int, %(hi)s::int) AS i, CAST(%(a)s AS int) AS a",
                 {"a": aggregates, "lo": start, "hi": min(rows, start + 10_000) - 1},
             )
         return [str(r[0]) for r in conn.execute("SELECT id FROM outbox ORDER BY created_at")]
