@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS {POLL_OUTBOX} (
     payload       jsonb,
     headers       jsonb,
     traceparent   text,
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
 

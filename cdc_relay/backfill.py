@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -101,7 +102,9 @@ def with_pending(comment: str | None, slot: str, pending: Pending | None) -> str
         if not raw.strip().startswith(f"{_PREFIX}{slot} ")
     ]
     if pending is not None:
-        lines.append(f"{_PREFIX}{slot} {msgspec.json.encode(pending).decode()}")
+        # ASCII only: an id may hold any character, and a comment is read line by line
+        body = json.dumps(msgspec.to_builtins(pending), ensure_ascii=True, separators=(",", ":"))
+        lines.append(f"{_PREFIX}{slot} {body}")
     return "\n".join(lines)
 
 
@@ -209,6 +212,15 @@ def recover(
             done.append(f"dropped invalidated slot {cfg.slot}")
         done += catalog.init(cfg, create_outbox=False, slot=False)
         return _fresh(cfg, conn, since, stop, progress, done)
+
+
+def suggested_since(cfg: Config) -> tuple[dt.datetime, str] | None:
+    """What the publication's comment suggests for ``recover --since`` (see catalog)."""
+    with catalog.connect(cfg) as conn, catalog.sql_errors(cfg, "reading the publication"):
+        found = catalog.suggested_since(
+            catalog.publication_comment(conn, cfg.publication), cfg.slot
+        )
+    return None if found is None else (found[0].astimezone(dt.UTC), found[1])
 
 
 def pending(cfg: Config) -> Pending | None:

@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
 import psycopg
@@ -48,6 +48,9 @@ MIN_SERVER_VERSION = 140000
 PUBLICATION_FILTERS_VERSION = 150000
 # failover slots (synchronised to standbys with sync_replication_slots) exist from 17 on
 FAILOVER_SLOTS_VERSION = 170000
+# how often (at most) the daemon records its newest confirmed commit for `recover --since`
+CONFIRMED_RECORD_INTERVAL = 60.0
+SINCE_MARGIN = timedelta(minutes=5)
 # the periodic publication re-check must never hang the relay on a busy catalog
 WATERMARK_STATEMENT_TIMEOUT = "5s"
 
@@ -60,7 +63,7 @@ OUTBOX_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("payload", "payload", "jsonb"),
     ("headers", "headers", "jsonb"),
     ("traceparent", "traceparent", "text"),
-    ("created_at", "created_at", "timestamptz NOT NULL DEFAULT now()"),
+    ("created_at", "created_at", "timestamptz NOT NULL DEFAULT clock_timestamp()"),
 )
 REQUIRED_COLUMNS = ("id", "aggregate_type", "aggregate_id", "type", "payload")
 _RELKINDS = {
@@ -405,6 +408,69 @@ class SlotMarker:
         )
 
 
+_PROGRESS_RE = re.compile(
+    r"^cdc-relay: slot (?P<slot>\S+) confirmed (?P<lsn>\S+) committed at (?P<at>\S+)$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """The newest transaction the relay recorded as confirmed: a lower bound for ``recover``.
+
+    Written by the daemon now and then (``CONFIRMED_RECORD_INTERVAL``), so it may be a little
+    behind the slot, never ahead of it.
+    """
+
+    slot: str
+    lsn: str
+    at: datetime
+
+    def line(self) -> str:
+        stamp = self.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return f"cdc-relay: slot {self.slot} confirmed {self.lsn} committed at {stamp}"
+
+
+def parse_confirmed(comment: str | None) -> dict[str, Confirmed]:
+    found: dict[str, Confirmed] = {}
+    for raw in (comment or "").splitlines():
+        m = _PROGRESS_RE.match(raw.strip())
+        if m is not None:
+            with contextlib.suppress(ValueError):
+                at = datetime.fromisoformat(m["at"].replace("Z", "+00:00"))
+                found[m["slot"]] = Confirmed(m["slot"], m["lsn"], at)
+    return found
+
+
+def with_confirmed(comment: str | None, confirmed: Confirmed) -> str:
+    lines = [
+        raw
+        for raw in (comment or "").splitlines()
+        if (m := _PROGRESS_RE.match(raw.strip())) is None or m["slot"] != confirmed.slot
+    ]
+    return "\n".join([*lines, confirmed.line()])
+
+
+def suggested_since(comment: str | None, slot: str) -> tuple[datetime, str] | None:
+    """A ``recover --since`` that is early enough, and why; None when nothing is recorded.
+
+    The relay's last recorded confirmed commit, less ``SINCE_MARGIN`` for transactions that
+    began before it (a row's created_at is its transaction's start) and committed after.
+    """
+    confirmed = parse_confirmed(comment).get(slot)
+    if confirmed is not None:
+        return (
+            confirmed.at - SINCE_MARGIN,
+            f"{int(SINCE_MARGIN.total_seconds() // 60)} minutes before the last commit the "
+            f"relay recorded as confirmed ({confirmed.lsn} at {confirmed.at.isoformat()})",
+        )
+    marker = parse_markers(comment).get(slot)
+    if marker is not None:
+        with contextlib.suppress(ValueError):
+            at = datetime.fromisoformat(marker.at.replace("Z", "+00:00"))
+            return at, "when the slot was recorded; every later row is sent again"
+    return None
+
+
 def parse_markers(comment: str | None) -> dict[str, SlotMarker]:
     """Every slot marker in a publication comment, by slot name; other lines are ignored."""
     found: dict[str, SlotMarker] = {}
@@ -514,7 +580,9 @@ def _write_marker(conn: Conn, cfg: Config, lsn: str, how: str) -> str | None:
     return f"recorded slot {cfg.slot} in the comment of publication {cfg.publication}"
 
 
-def vanished_slot_error(cfg: Config, marker: SlotMarker, system: tuple[str, int]) -> SetupError:
+def vanished_slot_error(
+    cfg: Config, marker: SlotMarker, system: tuple[str, int], suggestion: str = ""
+) -> SetupError:
     """The refusal for a missing slot that the marker says existed: recreating it loses events."""
     system_id, timeline = system
     moved = (
@@ -531,8 +599,8 @@ def vanished_slot_error(cfg: Config, marker: SlotMarker, system: tuple[str, int]
         "position and skip every outbox event committed in between, so the relay will not "
         "create it on its own, whatever create_slot says. Recover with `cdc-relay recover "
         f"--since TIMESTAMP`: it creates the slot and first re-sends every retained outbox row "
-        f"of TIMESTAMP or later (same message ids). {_SINCE_HINT} {marker.at} (when the slot "
-        "was recorded) is always early enough",
+        f"of TIMESTAMP or later (same message ids). {_SINCE_HINT}"
+        + (suggestion or f" {marker.at} (when the slot was recorded) is always early enough."),
         slot=cfg.slot,
         publication=cfg.publication,
     )
@@ -545,14 +613,18 @@ _SINCE_HINT = (
 )
 
 
+def _suggestion(conn: Conn, cfg: Config) -> str:
+    found = suggested_since(_publication_comment(conn, cfg.publication), cfg.slot)
+    if found is None:
+        return ""
+    at, why = found
+    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f" Suggested: --since {stamp} ({why})."
+
+
 def lost_slot_error(conn: Conn, cfg: Config, confirmed: object) -> SetupError:
     """The refusal for an invalidated slot, with what it knows to choose ``recover --since``."""
-    marker = parse_markers(_publication_comment(conn, cfg.publication)).get(cfg.slot)
-    since = (
-        f" {marker.at} (when the slot was recorded) is always early enough."
-        if marker is not None
-        else ""
-    )
+    since = _suggestion(conn, cfg)
     return SetupError(
         f"slot {cfg.slot} is invalidated (wal_status = lost): the WAL it needed was removed "
         "(max_slot_wal_keep_size), so events committed after its confirmed position "
@@ -569,7 +641,7 @@ def _check_not_vanished(conn: Conn, cfg: Config) -> None:
     """Raise ``vanished_slot_error`` if the (missing) slot is named by the marker."""
     marker = parse_markers(_publication_comment(conn, cfg.publication)).get(cfg.slot)
     if marker is not None:
-        raise vanished_slot_error(cfg, marker, _system(conn))
+        raise vanished_slot_error(cfg, marker, _system(conn), _suggestion(conn, cfg))
 
 
 # -- the slot --------------------------------------------------------------------------------------
@@ -826,6 +898,7 @@ class PublicationCheck:
         self._cfg = cfg
         self._conn: Conn | None = None
         self._vouched: Lsn | None = None  # the newest watermark a passing check returned
+        self._may_not_record = False
 
     def watermark(self) -> Lsn:
         cfg = self._cfg
@@ -854,6 +927,22 @@ class PublicationCheck:
             raise
         self._vouched = watermark
         return watermark
+
+    def record_confirmed(self, lsn: Lsn, committed: float) -> None:
+        """Write the ``Confirmed`` line; a role that may not is told once, then left alone."""
+        conn = self._conn
+        if conn is None or conn.closed or self._may_not_record:
+            return
+        confirmed = Confirmed(self._cfg.slot, str(lsn), datetime.fromtimestamp(committed, UTC))
+        with sql_errors(self._cfg, "recording the confirmed position"):
+            refused = update_comment(conn, self._cfg, lambda c: with_confirmed(c, confirmed))
+        if refused is not None:
+            self._may_not_record = True
+            log.info(
+                "not recording the confirmed position in the publication's comment (not its "
+                "owner): `recover` will not be able to suggest a --since time",
+                extra={"slot": self._cfg.slot, "error": refused},
+            )
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

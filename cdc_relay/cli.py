@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--since",
-        required=True,
         metavar="TIMESTAMP",
-        help="ISO 8601 time (no zone: UTC), or a duration ago such as 6h or 1d12h",
+        help="ISO 8601 time (no zone: UTC), or a duration ago such as 6h or 1d12h; left out, "
+        "recover prints the time it suggests (from the relay's last recorded confirmed commit) "
+        "and exits 2",
     )
     p.set_defaults(func=cmd_recover)
 
@@ -326,6 +327,15 @@ def _progress_display() -> backfill.OnProgress:
 
 
 def cmd_recover(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.since is None:
+        found = backfill.suggested_since(cfg)
+        hint = (
+            "the relay recorded nothing to suggest one from: use the committed_at of the last "
+            "event your consumers have"
+            if found is None
+            else f"suggested: --since {found[0].strftime('%Y-%m-%dT%H:%M:%SZ')} ({found[1]})"
+        )
+        raise ConfigError("since", f"recover needs --since TIMESTAMP; {hint}")
     since = parse_time(args.since, "since")
     stop = StopSignal()
     stop.install()

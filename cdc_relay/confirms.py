@@ -29,6 +29,48 @@ K = TypeVar("K")
 CONNECT_TIMEOUT = 30.0  # seconds to a confirm-mode channel with the exchanges declared
 
 
+class ConfirmedPrefix(Generic[K]):
+    """Which prefix of the messages sent is confirmed, from acks that may come in any order.
+
+    Tags are the channel's delivery tags (1, 2, 3, ... in publish order); ``multiple`` acks
+    cover every earlier tag. Pure logic, so it is tested without a broker.
+    """
+
+    def __init__(self) -> None:
+        self._sent = 0
+        self._pending: collections.deque[tuple[int, K]] = collections.deque()
+        self._early: set[int] = set()  # acked while an older message was not
+        self.confirmed = 0  # messages confirmed, in order
+        self.confirmed_key: K | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def sent(self, key: K) -> int:
+        self._sent += 1
+        self._pending.append((self._sent, key))
+        return self._sent
+
+    def ack(self, tag: int, multiple: bool) -> None:
+        pending = self._pending
+        if multiple:
+            while pending and pending[0][0] <= tag:
+                self._confirm(pending.popleft()[1])
+        elif pending and tag >= pending[0][0]:
+            self._early.add(tag)
+        early = self._early
+        while pending and pending[0][0] in early:
+            early.discard(pending[0][0])
+            self._confirm(pending.popleft()[1])
+        if not pending:
+            early.clear()
+
+    def _confirm(self, key: K) -> None:
+        self.confirmed += 1
+        self.confirmed_key = key
+
+
 class ConfirmedPublisher(Generic[K]):
     """Publishes messages, each with a caller's key, and knows the key of the confirmed prefix.
 
@@ -56,19 +98,19 @@ class ConfirmedPublisher(Generic[K]):
             dead_letter_exchange=cfg.dead_letter_exchange,
         )
         self._window = max(1, cfg.max_in_flight)
-        self._sent = 0  # delivery tags issued (the channel numbers them from 1)
-        self._pending: collections.deque[tuple[int, K]] = collections.deque()
-        self._acked_early: set[int] = set()  # acks that arrived before an older message's
+        self._prefix: ConfirmedPrefix[K] = ConfirmedPrefix()
         self._error: RelayError | None = None
         self._closed = False
         self._condition: Callable[[], bool] = lambda: True  # what the loop runs until
-        self.confirmed = 0  # messages confirmed, in order
-        self.confirmed_key: K | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> ConfirmedPublisher[K]:
         self._publisher.connect()
-        self._run(lambda: self._publisher.ready, CONNECT_TIMEOUT, "connecting to RabbitMQ")
+        if not self._run(lambda: self._publisher.ready, CONNECT_TIMEOUT):
+            raise ConnectionLost(
+                f"RabbitMQ did not open a confirm channel within {CONNECT_TIMEOUT:.0f} s",
+                side=RABBITMQ,
+            )
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -89,26 +131,38 @@ class ConfirmedPublisher(Generic[K]):
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return self._prefix.in_flight
+
+    @property
+    def confirmed(self) -> int:
+        return self._prefix.confirmed
+
+    @property
+    def confirmed_key(self) -> K | None:
+        return self._prefix.confirmed_key
 
     # -- publishing ---------------------------------------------------------------------------
     def publish(self, msg: OutgoingMessage, key: K) -> None:
         """Queue one message; it is written when the loop next runs (``wait_room``)."""
         self._raise_if_failed()
         self._publisher.publish(msg)
-        self._sent += 1
-        self._pending.append((self._sent, key))
+        self._prefix.sent(key)
 
     def wait_room(self) -> None:
-        """Run the loop until fewer than the window are unconfirmed (flushes what was queued)."""
-        self._run(lambda: len(self._pending) < self._window, None, "publishing")
+        """Run the loop until fewer than the window are unconfirmed (flushes what was queued),
+        or a stop is requested."""
+        self._run(lambda: self._prefix.in_flight < self._window, None, stoppable=True)
 
     def wait_all(self, timeout: float | None = None) -> bool:
         """Run the loop until every message is confirmed; False if ``timeout`` passed first."""
-        return self._run(lambda: not self._pending, timeout, "waiting for confirms")
+        return self._run(lambda: not self._prefix.in_flight, timeout)
 
     # -- the loop -----------------------------------------------------------------------------
-    def _run(self, done: Callable[[], bool], timeout: float | None, what: str) -> bool:
+    def _run(
+        self, done: Callable[[], bool], timeout: float | None, *, stoppable: bool = False
+    ) -> bool:
+        """Run the loop until ``done()`` (True), ``timeout`` or, if ``stoppable``, a stop
+        request (False); a failure the broker reported is raised."""
         self._raise_if_failed()
         if done():
             # still let queued frames go out: the loop writes them
@@ -127,13 +181,8 @@ class ConfirmedPublisher(Generic[K]):
             if done():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
-                if what == "connecting to RabbitMQ":
-                    raise ConnectionLost(
-                        f"RabbitMQ did not open a confirm channel within {timeout:.0f} s",
-                        side=RABBITMQ,
-                    )
                 return False
-            if self._stop is not None and self._stop.requested and what == "publishing":
+            if stoppable and self._stop is not None and self._stop.requested:
                 return False
 
     def _wake(self) -> None:
@@ -149,23 +198,8 @@ class ConfirmedPublisher(Generic[K]):
                 )
             )
             return
-        pending = self._pending
-        if multiple:
-            while pending and pending[0][0] <= tag:
-                self._confirm(pending.popleft()[1])
-        else:
-            self._acked_early.add(tag)
-        early = self._acked_early
-        while pending and pending[0][0] in early:
-            early.discard(pending[0][0])
-            self._confirm(pending.popleft()[1])
-        if early and not pending:
-            early.clear()
+        self._prefix.ack(tag, multiple)
         self._wake()
-
-    def _confirm(self, key: K) -> None:
-        self.confirmed += 1
-        self.confirmed_key = key
 
     def _on_failure(self, err: RelayError) -> None:
         self._fail(err)
@@ -177,7 +211,7 @@ class ConfirmedPublisher(Generic[K]):
 
     def _on_closed(self) -> None:
         self._closed = True
-        if self._error is None and self._pending and not self._publisher.ready:
+        if self._error is None and self._prefix.in_flight and not self._publisher.ready:
             self._error = ConnectionLost("RabbitMQ connection closed", side=RABBITMQ)
         self._ioloop.stop()
 

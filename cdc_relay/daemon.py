@@ -73,9 +73,17 @@ class PublicationWatch:
     unreachable; on the loop that would stall heartbeats and confirms, so it runs beside it.
     """
 
-    def __init__(self, cfg: Config, post: Callable[[Callable[[], None]], None]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        post: Callable[[Callable[[], None]], None],
+        confirmed: Callable[[], tuple[int, float] | None] = lambda: None,
+    ) -> None:
         self._cfg = cfg
         self._post = post
+        self._confirmed = confirmed  # the newest confirmed commit, recorded for `recover`
+        self._recorded: tuple[int, float] | None = None
+        self._recorded_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publication-watch", daemon=True)
         self.on_checked: Callable[[Lsn], None] = lambda _lsn: None
@@ -102,9 +110,27 @@ class PublicationWatch:
                     log.error("publication check failed", exc_info=exc)
                 else:
                     self._post(functools.partial(self.on_checked, watermark))
+                    self._record_confirmed(check)
                 self._stop.wait(self._cfg.publication_check_interval)
         finally:
             check.close()
+
+    def _record_confirmed(self, check: catalog.PublicationCheck) -> None:
+        """Now and then, note the newest confirmed commit in the publication's comment: after
+        a slot is lost, it tells `recover --since` how far back to go."""
+        confirmed = self._confirmed()
+        now = time.monotonic()
+        if (
+            confirmed is None
+            or confirmed == self._recorded
+            or now - self._recorded_at < catalog.CONFIRMED_RECORD_INTERVAL
+        ):
+            return
+        self._recorded, self._recorded_at = confirmed, now
+        try:
+            check.record_confirmed(Lsn(confirmed[0]), confirmed[1])
+        except RelayError as err:
+            log.warning("could not record the confirmed position", extra={"error": str(err)})
 
 
 class Session:
@@ -144,7 +170,7 @@ class Session:
             alternate_exchange=cfg.alternate_exchange,
             dead_letter_exchange=cfg.dead_letter_exchange,
         )
-        self._watch = PublicationWatch(cfg, self._post)
+        self._watch = PublicationWatch(cfg, self._post, lambda: self._stats.confirmed_commit)
         self.pipeline: Pipeline | None = None
         self.slot_seen = False  # prepare() found (or made) the slot: never create it again
         self.backend_pid: int | None = None

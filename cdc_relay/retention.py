@@ -116,6 +116,7 @@ def _created_at_column(conn: catalog.Conn, cfg: Config, schema: str, name: str) 
             return candidate
     raise SetupError(
         f"outbox table {schema}.{name} has no {' or '.join(cfg.columns('created_at'))} column: "
-        "prune needs the row's creation time; add it (timestamptz NOT NULL DEFAULT now()) or "
+        "prune needs the row's creation time; add it (timestamptz NOT NULL DEFAULT "
+        "clock_timestamp()) or "
         "set column_created_at to the column that holds it"
     )

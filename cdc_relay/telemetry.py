@@ -59,6 +59,8 @@ class Stats:
     server_wal_end: int = 0
     confirmed_lsn: int = 0
     oldest_unconfirmed_commit: float | None = None  # unix time of the oldest pending commit
+    # (end LSN, unix commit time) of the newest transaction whose events are all confirmed
+    confirmed_commit: tuple[int, float] | None = None
     last_status_update: float = 0.0
     # the confirmed point moved, or the server answered while nothing was owed (idle)
     last_progress: float = field(default_factory=time.time)
@@ -504,8 +506,10 @@ class SessionObserver:
             histogram = self._metrics.commit_to_confirm
             latency = 0.0
             while pending and pending[0][0] <= confirmed:
-                latency = now - pending.popleft()[1]
+                done = pending.popleft()
+                latency = now - done[1]
                 histogram.observe(latency)
+            stats.confirmed_commit = (int(done[0]), done[1])
             stats.oldest_unconfirmed_commit = pending[0][1] if pending else None
             self._alert.check(latency)
 

@@ -10,6 +10,9 @@
 --   COMMIT;
 -- Only the INSERT becomes an event. Deleting the row later (even in the same transaction)
 -- publishes nothing, so the table can be kept empty.
+-- created_at defaults to clock_timestamp(), not now(): rows of one transaction then keep their
+-- insertion order when `init --backfill`, `recover` or `replay` read the table (ordered by
+-- created_at, then id); now() would give them one time and leave their order to the ids.
 CREATE TABLE IF NOT EXISTS "public"."outbox" (
     id            uuid        PRIMARY KEY,
     aggregatetype text        NOT NULL,
@@ -18,5 +21,5 @@ CREATE TABLE IF NOT EXISTS "public"."outbox" (
     payload       jsonb,
     headers       jsonb,
     traceparent   text,
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 );

@@ -4,6 +4,7 @@ consumer: lost = 0, duplicates only with the same id (and none where no crash ha
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import psycopg
@@ -197,17 +198,31 @@ def _rows_of(env: Env, aggregate: str) -> list[str]:
         ]
 
 
+def _comment(env: Env) -> str | None:
+    with env.sql() as conn:
+        row = conn.execute(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = %s",
+            (env.name,),
+        ).fetchone()
+    return None if row is None else row[0]
+
+
 def test_recover_after_a_real_slot_invalidation_loses_nothing(env: Env) -> None:
+    """The slot is invalidated for real while events wait in its WAL; `recover` at the time it
+    suggests (from the confirmed commit the relay recorded) brings every one of them back."""
     env.init()
     relay = env.start_relay()
     relay.wait_streaming()
     with env.sql() as conn:
         insert_events(conn, [outbox_row("EARLY", i) for i in range(50)])
+    early = _rows_of(env, "EARLY")
     assert len(env.consume(50, timeout=60)) == 50
+    env.wait_for(
+        lambda: env.name in catalog.parse_confirmed(_comment(env)),
+        what="the relay to record its confirmed commit",
+    )
     assert relay.terminate() == 0
     with env.sql() as conn:
-        since = conn.execute("SELECT now()").fetchone()
-        assert since is not None
         for i in range(30):  # committed while the relay is down: only the slot has them
             insert_events(conn, [outbox_row(f"LOST-{i % 3}", i // 3)])
     lost_ids = [i for a in ("LOST-0", "LOST-1", "LOST-2") for i in _rows_of(env, a)]
@@ -216,14 +231,20 @@ def test_recover_after_a_real_slot_invalidation_loses_nothing(env: Env) -> None:
     assert refused.proc.wait(30) == 1
     assert "is invalidated (wal_status = lost)" in refused.log()
     assert "cdc-relay recover --since TIMESTAMP" in refused.log()
-    out = _ok(env, "recover", "--since", since[0].isoformat())
+    assert "Suggested: --since " in refused.log()
+    ask = env.cli("recover")
+    assert ask.returncode == 2, ask.stderr
+    assert "before the last commit the relay recorded as confirmed" in ask.stderr
+    since = ask.stderr.split("suggested: --since ", 1)[1].split()[0]
+    out = _ok(env, "recover", "--since", since)
     assert f"dropped invalidated slot {env.name}" in out
-    assert "backfilled 30 rows" in out, out
+    # the suggestion reaches back before the recorded commit: the EARLY rows come again too
+    assert "backfilled 80 rows" in out, out
     relay = env.start_relay()
     relay.wait_streaming()
     with env.sql() as conn:
         insert_events(conn, [outbox_row("LATE", i) for i in range(20)])
-    expected = lost_ids + _rows_of(env, "LATE")
+    expected = early + lost_ids + _rows_of(env, "LATE")
     got = env.consume(len(expected), timeout=60, settle=1.0)
     verdict = verify(expected, got)
     assert verdict.duplicates == 0, verdict
@@ -332,3 +353,46 @@ def test_a_backfill_needs_to_record_its_progress(env: Env) -> None:
         with env.sql() as conn:
             conn.execute(f"DROP OWNED BY {role}".encode())
             conn.execute(f"DROP ROLE {role}".encode())
+
+
+def test_a_hostile_row_in_a_backfill_follows_the_invalid_event_policy(env: Env) -> None:
+    """The same refusals as the stream: halt names the row and keeps the record (nothing
+    before it is sent again needlessly); dead_letter diverts it whole and the backfill ends."""
+    _create_outbox(env)
+    good = _prefill(env, 300, 3)
+    with env.sql() as conn:
+        conn.execute(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, headers) "
+            "VALUES (gen_random_uuid(), 'order', 'BAD', 'OrderPlaced', '{}', '{\"CC\": \"x\"}')"
+        )
+        insert_events(conn, [outbox_row("LATER", i) for i in range(5)])
+    later = _rows_of(env, "LATER")
+    halted = env.cli("init", "--backfill")
+    assert halted.returncode == 1, halted.stdout
+    assert "header key 'CC' is reserved" in halted.stderr
+    assert "fix or delete it in the outbox table and run again" in halted.stderr
+    assert "Traceback" not in halted.stderr
+    waiting = _pending(env)
+    assert waiting is not None and waiting.at is not None
+    dlx, dlq = f"{env.exchange}.dlx", f"{env.queue}.dlq"
+    with env.channel() as ch:
+        ch.exchange_declare(dlx, "fanout", durable=True)
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_bind(dlq, dlx)
+    out = _ok(
+        env,
+        "init",
+        "--backfill",
+        invalid_event_policy="dead_letter",
+        dead_letter_exchange=dlx,
+    )
+    assert "backfilled " in out
+    assert _pending(env) is None
+    got = env.consume(len(good) + len(later), timeout=60, settle=1.0)
+    verify(good + later, got)
+    with env.channel() as ch:
+        method, props, body = ch.basic_get(dlq, auto_ack=True)
+    assert method is not None, "the invalid row was not dead-lettered"
+    assert props.type == "cdc-relay.invalid_event"
+    dead = json.loads(body)
+    assert dead["row"]["aggregateid"] == "BAD" and "reserved" in dead["reason"]
