@@ -8,7 +8,7 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 RABBIT := /usr/lib/rabbitmq/bin/rabbitmq-server
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes clean
+.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery clean
 
 help:
 	@echo "make demo   - start a sandbox PostgreSQL + RabbitMQ, run the relay, show events flowing"
@@ -62,6 +62,9 @@ bench-quick: $(VENV)/.bench system-deps
 
 bench-shapes: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run --quick --only shapes
+
+bench-recovery: $(VENV)/.bench system-deps
+	$(PY) -m benchmarks.run --only recovery
 
 clean:
 	-$(PY) -m tests.sandbox down --dir .sandbox

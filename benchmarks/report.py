@@ -487,6 +487,41 @@ def anomalies(results: dict[str, Result]) -> list[str]:
     return out
 
 
+BACKFILL_TARGET = 0.8  # x the streaming drain of the same rows
+BACKFILL_RSS_MB = 150.0
+
+
+def recovery_targets(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """``init --backfill`` >= 0.8 x the streaming drain of the same N (medians of the rounds,
+    per round beside them), and its peak RSS <= 150 MB in the worst round."""
+    stream, fill = results.get("recovery_stream"), results.get("recovery_backfill")
+    name = f"backfill >= {BACKFILL_TARGET:.1f} x the streaming drain of the same rows"
+    if not (_ok(stream) and _ok(fill)):
+        why = _error(stream) or _error(fill) or "not run"
+        return [{"target": name, "met": None, "measured": f"n/a ({why})"}]
+    assert stream is not None and fill is not None
+    ratio = fill["rate"] / stream["rate"]
+    rounds = ", ".join(
+        _r(b / a)
+        for a, b in zip(stream.get("round_rates", []), fill.get("round_rates", []), strict=False)
+    )
+    rss = float(fill["peak_rss_mb"])
+    return [
+        {
+            "target": name,
+            "met": ratio >= BACKFILL_TARGET,
+            "measured": f"{ratio:.2f}x ({fill['rate']:,.0f} vs {stream['rate']:,.0f} ev/s at "
+            f"N={fill['n']:,}; per round {rounds}; CPU µs/event backfill "
+            f"{fill['cpu_us_per_event']:.1f}, stream {stream['cpu_us_per_event']:.1f})",
+        },
+        {
+            "target": f"backfill peak RSS <= {BACKFILL_RSS_MB:.0f} MB",
+            "met": rss <= BACKFILL_RSS_MB,
+            "measured": f"{rss:.0f} MB (stream {float(stream['peak_rss_mb']):.0f} MB)",
+        },
+    ]
+
+
 def targets_text(items: list[dict[str, Any]]) -> str:
     lines = ["targets:"]
     for t in items:

@@ -77,7 +77,8 @@ SCALE_CEILING_MAX = 1_000_000
 STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
-SECTIONS = ("main", "shapes")  # what a full run does; ``--only shapes`` runs the second alone
+# what a full run does; ``--only shapes`` or ``--only recovery`` runs one section alone
+SECTIONS = ("main", "shapes", "recovery")
 
 Result = dict[str, Any]
 
@@ -152,6 +153,7 @@ class Plan:
     sections: tuple[str, ...] = SECTIONS
     shapes: tuple[Shape, ...] = ()
     idle_seconds: float = 10.0  # cdc-relay's idle cost, measured once per round
+    recovery: int = 100_000  # rows of the backfill-vs-stream comparison
 
     @staticmethod
     def make(
@@ -175,6 +177,7 @@ class Plan:
             "shapes": make_shapes(quick, payload, backlog, big_txn),
             "backlog": backlog,
             "big_txn": big_txn,
+            "recovery": (100_000 if quick else 1_000_000) // shrink,
         }
         if quick:
             return Plan(
@@ -501,6 +504,53 @@ class Bench:
             **({"message": message} if message else {}),
             **info,
             **traced,
+        }
+
+    def backfill_drain(self, label: str, n: int, txn_size: int) -> Result:
+        """``cdc-relay init --backfill`` over ``n`` rows already in the outbox: spawn → every
+        row in the queue. Its CPU and peak RSS come from ``wait4`` on the finished process
+        (exact, including the last confirms), its walsender's from the slot's creation on."""
+        slot = f"bench_{label}"
+        self.reset(OUTBOX)
+        env = self._relay_env(slot)
+        relay_cli(env, "init", "--create-outbox")
+        relay_cli(env, "drop", "--yes")  # the table stays, without publication or slot
+        info = self.backlog(OUTBOX, n, txn_size)
+        info["settle_s"] = round(self.settle(), 1)
+        try:
+            with self.queue(label) as q:
+                broker0 = self.broker_cpu()
+                spawned = time.time()
+                child = Child(
+                    f"backfill-{label}",
+                    [sys.executable, "-m", "cdc_relay.cli", "init", "--backfill"],
+                    self.logdir,
+                    env=env,
+                )
+                self.children.append(child)
+                t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=child.alive)
+                broker1 = self.broker_cpu()
+                _pid, status, usage = os.wait4(child.pid, 0)
+                child.proc.returncode = os.waitstatus_to_exitcode(status)
+                if child.proc.returncode != 0:
+                    raise ChildError(f"init --backfill exited {child.proc.returncode}")
+                final = self.broker.depth(q)
+        finally:
+            self.end_children()
+            with suppress(ChildError):
+                relay_cli(env, "drop", "--yes")
+        seconds = t1 - spawned
+        cpu = usage.ru_utime + usage.ru_stime
+        return {
+            "n": n,
+            "delivered": depth,
+            "final_depth": final,
+            "seconds": seconds,
+            "rate": n / seconds,
+            "cpu_us_per_event": cpu / n * 1e6,
+            "broker_cpu_us_per_event": (broker1 - broker0) / n * 1e6,
+            "peak_rss_mb": usage.ru_maxrss / 1024,
+            **info,
         }
 
     def walsender_pid(self, slot: str, timeout: float = 5.0) -> int | None:
@@ -867,6 +917,30 @@ def _steps(bench: Bench, plan: Plan) -> list[Step]:
         steps += _main_steps(bench, plan)
     if "shapes" in plan.sections:
         steps += _shape_steps(bench, plan)
+    if "recovery" in plan.sections:
+        steps += _recovery_steps(bench, plan)
+    return steps
+
+
+def _recovery_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Round after round, at the same N: the relay draining N rows from its slot, then
+    ``init --backfill`` publishing the same N rows from the table."""
+    n = plan.recovery
+    steps: list[Step] = []
+    for r in range(1, plan.rounds + 1):
+        tag = f" (round {r}/{plan.rounds})"
+        steps += [
+            (
+                f"recovery_stream#{r}",
+                f"cdc-relay streaming drain, N={n:,}{tag}",
+                partial(bench.cdc_drain, "recovery_stream", n, plan.txn_size),
+            ),
+            (
+                f"recovery_backfill#{r}",
+                f"cdc-relay init --backfill, N={n:,}{tag}",
+                partial(bench.backfill_drain, "recovery_backfill", n, plan.txn_size),
+            ),
+        ]
     return steps
 
 
@@ -1135,6 +1209,8 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
     if "shapes" in plan.sections:
         shape_rows = report.shape_rows(results, plan)
         targets += report.shape_targets(results, plan)
+    if "recovery" in plan.sections:
+        targets += report.recovery_targets(results)
     print()
     if main_section:
         print(report.table(rows))
@@ -1198,9 +1274,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["shapes"],
+        choices=["shapes", "recovery"],
         help="run one section: 'shapes' (the outbox shapes against their two ceilings, the "
-        "relay's idle cost and start-up time)",
+        "relay's idle cost and start-up time) or 'recovery' (init --backfill against the "
+        "streaming drain of the same rows)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(
