@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from cdc_relay import catalog
+from cdc_relay import backfill, catalog
 from cdc_relay.config import Config
 from cdc_relay.errors import ConfigError, SetupError
 
@@ -71,6 +71,14 @@ def prune(
     done: list[Pruned] = []
     with catalog.connect(cfg) as conn, catalog.sql_errors(cfg, "pruning the outbox"):
         conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
+        pending = backfill.parse_pending(catalog.publication_comment(conn, cfg.publication))
+        if cfg.slot in pending:
+            raise SetupError(
+                f"a backfill of slot {cfg.slot} is pending: it still has to read rows from the "
+                "outbox table, so nothing is pruned until it has finished (`cdc-relay run` or "
+                "`cdc-relay init --backfill` finishes it)",
+                slot=cfg.slot,
+            )
         row = conn.execute("SELECT now() - %s::interval", (older_than,)).fetchone()
         cutoff = row[0] if row is not None else None
         if not isinstance(cutoff, dt.datetime):

@@ -141,6 +141,9 @@ def test_sigterm_during_a_backfill_stops_cleanly_and_init_continues(env: Env) ->
     assert relay.terminate() == 0, relay.log()
     stopped = _pending(env)
     assert stopped is not None and 0 < stopped.rows < len(before), stopped
+    refused = env.cli("prune", "--older-than", "0s")
+    assert refused.returncode == 1
+    assert f"a backfill of slot {env.name} is pending" in refused.stderr
     out = _ok(env, "init", "--backfill")
     assert "backfilled " in out
     assert _pending(env) is None

@@ -877,9 +877,10 @@ def test_plan_shapes_quick_and_full() -> None:
         10_000,
     )
     assert [s.key for s in QUICK.shapes if s.bytes_target] == ["kb2"]
-    assert QUICK.sections == ("main", "shapes")
+    assert QUICK.sections == ("main", "shapes", "recovery")
     only = Plan.make(quick=True, payload=150, rate=2000.0, seconds=None, only="shapes")
     assert only.sections == ("shapes",)
+    assert (QUICK.recovery, FULL.recovery) == (100_000, 1_000_000)
     assert (QUICK.rounds, FULL.rounds) == (2, 3)
 
 
@@ -1191,3 +1192,38 @@ def test_shape_rows_show_what_each_message_shape_costs_the_broker() -> None:
             del sample["broker_cpu_us_per_event"]
     text = report.shapes_table(report.shape_rows(old, QUICK), QUICK)
     assert "    broker CPU µs/ev: under the relay –, same shape –, minimal –" in text
+
+
+# -- recovery: backfill against the streaming drain of the same rows ----------------------------
+BACKFILL = "backfill >= 0.8 x the streaming drain of the same rows"
+
+
+def test_backfill_targets_from_the_medians_with_rounds_beside() -> None:
+    results = {
+        "recovery_stream": _combine([drain(rate=10_000.0), drain(rate=12_000.0)]),
+        "recovery_backfill": _combine(
+            [drain(rate=9_000.0, rss=60.0), drain(rate=9_600.0, rss=62.0)]
+        ),
+    }
+    results["recovery_backfill"]["peak_rss_mb"] = 62.0
+    out = report.recovery_targets(results)
+    speed = target(out, BACKFILL)
+    assert speed["met"] is True
+    assert speed["measured"].startswith("0.85x (9,300 vs 11,000 ev/s")
+    assert "per round 0.90x, 0.80x" in speed["measured"]
+    rss = target(out, "backfill peak RSS <= 150 MB")
+    assert rss["met"] is True and rss["measured"] == "62 MB (stream 45 MB)"
+
+
+def test_a_slow_or_fat_backfill_is_not_met_and_a_failed_one_is_na() -> None:
+    slow = report.recovery_targets(
+        {
+            "recovery_stream": drain(rate=10_000.0),
+            "recovery_backfill": drain(rate=7_000.0, rss=151.0),
+        }
+    )
+    assert target(slow, BACKFILL)["met"] is False
+    assert target(slow, "backfill peak RSS <= 150 MB")["met"] is False
+    failed = report.recovery_targets({"recovery_stream": drain(), "recovery_backfill": error()})
+    assert [t["met"] for t in failed] == [None]
+    assert "RuntimeError: boom" in failed[0]["measured"]
