@@ -42,8 +42,6 @@ from cdc_relay.config import Config
 from cdc_relay.confirms import ConfirmedPublisher
 from cdc_relay.errors import SetupError, SlotBusy
 from cdc_relay.lsn import Lsn
-from cdc_relay.messages import MessageBuilder
-from cdc_relay.outbox import OutboxColumns
 from cdc_relay.postgres import ReplicationStream
 from cdc_relay.retained import (
     Key,
@@ -53,6 +51,7 @@ from cdc_relay.retained import (
     commit_timestamps,
     message,
 )
+from cdc_relay.retained import builder as retained_builder
 from cdc_relay.signals import StopSignal
 
 log = logging.getLogger("cdc_relay.backfill")
@@ -383,18 +382,7 @@ def _publish(
         catalog.sql_errors(cfg, "reading the outbox table"),
         ConfirmedPublisher[tuple[str, Key]](cfg, stop) as pub,
     ):
-        builder = MessageBuilder(
-            cfg.slot,
-            database,
-            cfg.routing_key,
-            cfg.exchange,
-            {f"{s}.{t}": cfg.route(s, t) for s, t in cfg.tables},
-            pub.frame_max,
-            columns=OutboxColumns(
-                **{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}
-            ),
-            message_prefix=cfg.message_prefix,
-        )
+        builder = retained_builder(cfg, database, pub.frame_max)
         last = time.monotonic()
         for table in tables:
             after = state.after if state.table == table.display else None

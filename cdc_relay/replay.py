@@ -26,9 +26,8 @@ from cdc_relay.config import Config
 from cdc_relay.confirms import ConfirmedPublisher
 from cdc_relay.errors import RelayError
 from cdc_relay.lsn import Lsn
-from cdc_relay.messages import MessageBuilder
-from cdc_relay.outbox import OutboxColumns
 from cdc_relay.retained import OutboxTable, RowReader, Selection, commit_timestamps, message
+from cdc_relay.retained import builder as retained_builder
 from cdc_relay.signals import StopSignal
 
 log = logging.getLogger("cdc_relay.replay")
@@ -87,18 +86,7 @@ def replay(
         pub: ConfirmedPublisher[int] = ConfirmedPublisher(cfg, stop)
         try:
             with pub:
-                builder = MessageBuilder(
-                    cfg.slot,
-                    str(conn.info.dbname),
-                    cfg.routing_key,
-                    cfg.exchange,
-                    {f"{s}.{t}": cfg.route(s, t) for s, t in cfg.tables},
-                    pub.frame_max,
-                    columns=OutboxColumns(
-                        **{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}
-                    ),
-                    message_prefix=cfg.message_prefix,
-                )
+                builder = retained_builder(cfg, str(conn.info.dbname), pub.frame_max)
                 last = time.monotonic()
                 for table in tables:
                     reader = RowReader(cfg, table, NO_POSITION, replay=replay_id)

@@ -43,6 +43,20 @@ _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in µs since 1970
 Key = tuple[str | None, str | None]  # (created_at as text, id as text): a read resumes after it
 
 
+def builder(cfg: Config, database: str, frame_max: int) -> MessageBuilder:
+    """The message builder a table read uses: the stream's routes, columns and prefix."""
+    return MessageBuilder(
+        cfg.slot,
+        database,
+        cfg.routing_key,
+        cfg.exchange,
+        {f"{s}.{t}": cfg.route(s, t) for s, t in cfg.tables},
+        frame_max,
+        columns=OutboxColumns(**{k: cfg.columns(k) for k in OutboxColumns.__dataclass_fields__}),
+        message_prefix=cfg.message_prefix,
+    )
+
+
 class _RawText(Loader):
     """text → the bytes PostgreSQL sent: what the mapper reads from pgoutput too."""
 

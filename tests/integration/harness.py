@@ -180,6 +180,42 @@ class Env:
         assert row is not None
         return int(row[0])
 
+    def invalidate_slot(self) -> None:
+        """Make the test's slot lost for real: a 1 MB ``max_slot_wal_keep_size`` and WAL
+        switched and checkpointed past it; the limit is reset before returning (the server is
+        shared with the other tests)."""
+        with psycopg.connect(self.pg.url, autocommit=True) as admin:
+            try:
+                admin.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+                admin.execute("SELECT pg_reload_conf()")
+                deadline = time.monotonic() + 30
+                with self.sql() as conn:
+                    conn.execute("CREATE TABLE IF NOT EXISTS wal_filler (x int)")
+                    while True:
+                        row = conn.execute(
+                            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
+                            (self.name,),
+                        ).fetchone()
+                        if row is not None and row[0] == "lost":
+                            break
+                        assert time.monotonic() < deadline, f"slot never invalidated: {row}"
+                        conn.execute("INSERT INTO wal_filler VALUES (1)")
+                        conn.execute("SELECT pg_switch_wal()")
+                        conn.execute("CHECKPOINT")
+            finally:
+                admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+                admin.execute("SELECT pg_reload_conf()")
+        self.wait_for(
+            lambda: self._setting("max_slot_wal_keep_size") == "-1",
+            timeout=10,
+            what="max_slot_wal_keep_size to be reset",
+        )
+
+    def _setting(self, name: str) -> str | None:
+        with self.sql() as conn:
+            row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
     def wait_for(self, predicate: Any, timeout: float = 30, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 
-import psycopg
 import pytest
 
 from cdc_relay import backfill, catalog
@@ -161,36 +159,6 @@ def test_sigterm_during_a_backfill_stops_cleanly_and_init_continues(env: Env) ->
     print(f"stopped at {stopped.rows}; {verdict}")
 
 
-def _invalidate(env: Env) -> None:
-    """Make the slot lost for real: a tiny max_slot_wal_keep_size and WAL written past it."""
-    with psycopg.connect(env.pg.url, autocommit=True) as admin:
-        try:
-            admin.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-            admin.execute("SELECT pg_reload_conf()")
-            deadline = time.monotonic() + 30
-            with env.sql() as conn:
-                while True:
-                    row = conn.execute(
-                        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
-                        (env.name,),
-                    ).fetchone()
-                    if row is not None and row[0] == "lost":
-                        break
-                    assert time.monotonic() < deadline, f"slot never invalidated: {row}"
-                    conn.execute("CREATE TABLE IF NOT EXISTS wal_filler (x int)")
-                    conn.execute("INSERT INTO wal_filler VALUES (1)")
-                    conn.execute("SELECT pg_switch_wal()")
-                    conn.execute("CHECKPOINT")
-        finally:
-            admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-            admin.execute("SELECT pg_reload_conf()")
-    deadline = time.monotonic() + 10
-    with env.sql() as conn:
-        while conn.execute("SHOW max_slot_wal_keep_size").fetchone() != ("-1",):
-            assert time.monotonic() < deadline, "max_slot_wal_keep_size was not reset"
-            time.sleep(0.05)
-
-
 def _rows_of(env: Env, aggregate: str) -> list[str]:
     with env.sql() as conn:
         return [
@@ -229,7 +197,7 @@ def test_recover_after_a_real_slot_invalidation_loses_nothing(env: Env) -> None:
         for i in range(30):  # committed while the relay is down: only the slot has them
             insert_events(conn, [outbox_row(f"LOST-{i % 3}", i // 3)])
     lost_ids = [i for a in ("LOST-0", "LOST-1", "LOST-2") for i in _rows_of(env, a)]
-    _invalidate(env)
+    env.invalidate_slot()
     refused = env.start_relay()
     assert refused.proc.wait(30) == 1
     assert "is invalidated (wal_status = lost)" in refused.log()
