@@ -16,6 +16,7 @@ options on a plain ``amqp://`` URL.
 
 from __future__ import annotations
 
+import os
 import ssl
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -140,7 +141,8 @@ def _context(tls: dict[str, str], server_name: str) -> ssl.SSLContext:
 
 
 def _which(exc: FileNotFoundError, certfile: str, keyfile: str | None) -> str:
-    if exc.filename == keyfile:
+    """Which of the two is missing (ssl does not always say)."""
+    if keyfile is not None and (exc.filename == keyfile or os.path.exists(certfile)):
         return f"keyfile {keyfile}"
     return f"certfile {certfile}"
 

@@ -857,6 +857,7 @@ def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = 
         check_outbox_table(conn, cfg)
         check_publication(conn, cfg)
         start = check_slot(conn, cfg, own_pids)
+        _warn_if_superuser(conn, cfg)
         if cfg.create_slot and cfg.slot not in parse_markers(
             _publication_comment(conn, cfg.publication)
         ):
@@ -865,6 +866,17 @@ def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = 
             if marked is not None:
                 log.info(marked, extra={"slot": cfg.slot, "publication": cfg.publication})
         return start
+
+
+def _warn_if_superuser(conn: Conn, cfg: Config) -> None:
+    row = _one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    if row is not None and row[0]:
+        log.warning(
+            "the relay runs as a superuser: it needs only LOGIN REPLICATION and SELECT on the "
+            "outbox (sql/relay_role.sql); a superuser's password in its config is a key to the "
+            "whole database",
+            extra={"slot": cfg.slot},
+        )
 
 
 def current_wal_lsn(conn: Conn) -> Lsn:

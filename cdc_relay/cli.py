@@ -72,7 +72,8 @@ examples:
 
 def _epilog() -> str:
     return (
-        "settings (TOML key, then environment variable; the environment wins):\n"
+        "settings (TOML key, then environment variable; the environment wins; "
+        "CDC_RELAY_<KEY>_FILE reads a value from a file, e.g. a mounted secret):\n"
         + config.describe_settings()
         + "\n\nexit codes: 0 ok, 1 failure (message says why), 2 invalid configuration"
     )

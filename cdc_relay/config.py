@@ -208,6 +208,9 @@ def _validate(cfg: Config) -> None:
                     raise ConfigError(key, f"{name!r} is not a plain SQL identifier")
     _check_template("routing_key", cfg.routing_key)
     _check_exchange("exchange", cfg.exchange)
+    from cdc_relay import broker_url  # it needs redact() from here
+
+    broker_url.parameters(cfg.amqp_url)  # TLS files and options are checked now, not at 3 a.m.
     known = {f"{s}.{t}" for s, t in tables}
     for name, route in cfg.routes.items():
         if name not in known:
@@ -323,7 +326,7 @@ def load(
         if key not in HELP:
             raise ConfigError(key, f"unknown setting in {path}; see `cdc-relay --help`")
     for key in HELP:
-        value = env.get(env_name(key))
+        value = _from_env(env, key)
         if value is not None:
             raw[key] = _routes_from_env(value) if key == "routes" else value
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -336,6 +339,24 @@ def load(
         raise _named(exc) from None
     _validate(cfg)
     return cfg
+
+
+def _from_env(env: Mapping[str, str], key: str) -> str | None:
+    """``CDC_RELAY_<KEY>``, or the contents of the file ``CDC_RELAY_<KEY>_FILE`` names (the
+    Docker and Kubernetes secrets convention; one trailing newline is dropped)."""
+    name = env_name(key)
+    value = env.get(name)
+    path = env.get(f"{name}_FILE")
+    if path is None:
+        return value
+    if value is not None:
+        raise ConfigError(key, f"both {name} and {name}_FILE are set: keep one")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(key, f"{name}_FILE: cannot read {path}: {reason}") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def _routes_from_env(value: str) -> Any:

@@ -163,6 +163,12 @@ class BrokerRefused(RelayError):
     side = RABBITMQ
 
 
+class TlsFailed(RelayError):
+    """A TLS handshake failed for a reason the same settings meet again: a certificate the
+    other side does not trust, a name that does not match, an expired or missing client
+    certificate. Not retryable: retrying would only repeat the handshake."""
+
+
 class AuthenticationFailed(RelayError):
     """Credentials were rejected. Retrying would only hammer the server: not retryable."""
 

@@ -69,5 +69,7 @@ def setup(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pika narrates every connection step at INFO; keep its warnings only
-    logging.getLogger("pika").setLevel(max(logging.WARNING, root.level))
+    # pika narrates every connection step at INFO, and logs each failed attempt at ERROR with a
+    # traceback before it tells the relay, which then reports it once, classified; keep only
+    # what pika alone knows about (its CRITICAL records)
+    logging.getLogger("pika").setLevel(max(logging.CRITICAL, root.level))

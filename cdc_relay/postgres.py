@@ -27,6 +27,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from cdc_relay import tls
 from cdc_relay.config import redact
 from cdc_relay.errors import (
     POSTGRES,
@@ -190,6 +191,9 @@ def connect_failure(text: str, *, replication: bool, slot: str | None = None) ->
     not worth retrying; everything else (refused, timed out, starting up, too many clients) is.
     """
     text = one_line(text)
+    tls_failed = tls.failure(text, POSTGRES)
+    if tls_failed is not None:
+        return tls_failed
     if any(s in text for s in _CREDENTIALS_REFUSED):
         return AuthenticationFailed(f"PostgreSQL refused the credentials: {text}", side=POSTGRES)
     if replication and any(s in text for s in _REPLICATION_REFUSED):

@@ -28,6 +28,7 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from cdc_relay import broker_url, tls
 from cdc_relay.amqp import publish_frames
 from cdc_relay.config import redact
 from cdc_relay.errors import (
@@ -50,6 +51,9 @@ OnFailure = Callable[[RelayError], None]
 # Connection closes that mean "the broker could not parse what you sent": resending the same
 # frames gets the same answer (501 FRAME_ERROR, 502 SYNTAX_ERROR, 505 UNEXPECTED_FRAME).
 _FRAMING_CODES = frozenset((501, 502, 505))
+# how pika reports a peer that hung up during the AMQP protocol header: what a TLS-only port
+# does to a plain client
+_CUT_AT_HELLO = ("EOF", "StreamLostError", "IncompatibleProtocolError", "ConnectionResetError")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,26 @@ def connection_failure(reason: BaseException | str) -> RelayError:
                 "moved past the event"
             )
     return ConnectionLost(f"RabbitMQ connection lost: {redact(str(reason))}", side=RABBITMQ)
+
+
+def _innermost(error: BaseException | str) -> str:
+    """The reason under pika's connection-workflow wrappers (their own text is just a name):
+    the last attempt's exception, down to the socket or TLS error that ended it."""
+    seen = 0
+    while isinstance(error, BaseException) and seen < 5:
+        seen += 1
+        inner = getattr(error, "exceptions", None)  # AMQPConnectionWorkflowFailed
+        if inner:
+            error = inner[-1]
+            continue
+        wrapped = getattr(error, "exception", None)  # AMQPConnectorTransportSetupError & co
+        if isinstance(wrapped, BaseException):
+            error = wrapped
+            continue
+        break
+    if isinstance(error, str):
+        return error
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika is untyped
@@ -173,10 +197,8 @@ class Publisher:
         alternate_exchange: bool = True,
         dead_letter_exchange: str = "",
     ) -> None:
-        try:
-            self._params = pika.URLParameters(url)
-        except Exception as exc:  # noqa: BLE001 - pika raises assorted types for bad URLs
-            raise RelayError(f"amqp_url is not a valid AMQP URL: {redact(str(exc))}") from None
+        self._params = broker_url.parameters(url)
+        self.address = broker_url.describe(self._params)  # for logs: never a password
         self._params.heartbeat = heartbeat
         self._params.blocked_connection_timeout = None
         self._params.client_properties = {"connection_name": "cdc-relay"}
@@ -272,12 +294,23 @@ class Publisher:
 
     # -- pika callbacks -----------------------------------------------------------------------
     def _on_connection_open(self, connection: Any) -> None:
+        log.info("connected to RabbitMQ", extra={"broker": self.address})
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._channel = connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_open_error(self, _connection: Any, error: BaseException | str) -> None:
-        text = redact(str(error) or type(error).__name__)
+        text = redact(_innermost(error))
+        tls_failed = tls.failure(text, RABBITMQ)
+        if tls_failed is not None:
+            self._on_failure(tls_failed)
+            self._on_closed()
+            return
+        if self._params.ssl_options is None and any(m in text for m in _CUT_AT_HELLO):
+            text += (
+                f" (the broker at {self.address} closed the connection before speaking AMQP: "
+                "if that port expects TLS, use an amqps:// URL)"
+            )
         if isinstance(
             error,
             pika.exceptions.ProbableAuthenticationError

@@ -108,6 +108,10 @@ class PostgresSandbox:
             raise RuntimeError(f"{' '.join(argv[:1])} failed ({out.returncode}): {out.stderr}")
         return out
 
+    def chown(self, path: Path) -> None:
+        """Give ``path`` to the server's user (when the suite runs as root, that is postgres)."""
+        self._chown(path)
+
     def _chown(self, path: Path) -> None:
         if _is_root():
             pw = pwd.getpwnam("postgres")
@@ -191,6 +195,8 @@ class RabbitSandbox:
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     extra_conf: dict[str, str] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)  # enabled at start (they ship with it)
+    tls_port: int = 0  # a TLS listener's port, when extra_conf configures one
 
     @property
     def node(self) -> str:
@@ -234,7 +240,7 @@ class RabbitSandbox:
 
     def start(self) -> RabbitSandbox:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "enabled_plugins").write_text("[].\n")
+        (self.root / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         conf = {
             "listeners.tcp.1": f"127.0.0.1:{self.port}",
             "loopback_users.guest": "true",
