@@ -183,6 +183,9 @@ def server_error(
     return SetupError(f"{what} failed: {text} [SQLSTATE {sqlstate or 'none'}]", slot=slot)
 
 
+_NO_DATABASE = re.compile(r'database ".*" does not exist')
+
+
 def connect_failure(text: str, *, replication: bool, slot: str | None = None) -> RelayError:
     """The typed error for a connection attempt that failed (``text`` is already redacted).
 
@@ -194,6 +197,11 @@ def connect_failure(text: str, *, replication: bool, slot: str | None = None) ->
     tls_failed = tls.failure(text, POSTGRES)
     if tls_failed is not None:
         return tls_failed
+    if _NO_DATABASE.search(text):
+        return SetupError(
+            f"cannot connect to PostgreSQL: {text}: check the database name in pg_dsn",
+            slot=slot,
+        )
     if any(s in text for s in _CREDENTIALS_REFUSED):
         return AuthenticationFailed(f"PostgreSQL refused the credentials: {text}", side=POSTGRES)
     if replication and any(s in text for s in _REPLICATION_REFUSED):

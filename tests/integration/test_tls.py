@@ -19,7 +19,7 @@ import pytest
 
 from cdc_relay import catalog
 from tests.integration.harness import REPO, dsn_for, insert_events, outbox_row
-from tests.sandbox import PostgresSandbox, RabbitSandbox, free_port
+from tests.sandbox import PG_PASSWORD, PostgresSandbox, RabbitSandbox, free_port
 from tests.tls import Authority, make_authority
 
 pytestmark = pytest.mark.integration
@@ -164,6 +164,28 @@ def relay_env(
     }
     env.update({f"CDC_RELAY_{k.upper()}": v for k, v in extra.items()})
     return env
+
+
+def run_until_streaming(env: dict[str, str], timeout: float = 60) -> str:
+    """Start `run`, stop it with SIGTERM once it streams; its stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdc_relay.cli", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if '"msg": "streaming"' in line or time.monotonic() > deadline:
+            break
+    proc.terminate()
+    rest, _ = proc.communicate(timeout=60)
+    return "".join(lines) + (rest or "")
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -399,3 +421,32 @@ def test_key_password_and_bad_tls_settings_are_configuration_errors(
         {**ready, "CDC_RELAY_AMQP_URL": "amqp://localhost/%2F?cacertfile=/x.pem"}, "run"
     )
     assert plain_tls.returncode == 2 and "use an amqps:// URL" in plain_tls.stderr
+
+
+def test_the_limited_rabbitmq_user_may_not_declare_anything_else(
+    tls_pg: PostgresSandbox, tls_rabbit: RabbitSandbox, pki: Authority, ready: dict[str, str]
+) -> None:
+    """Its permissions cover the relay's exchange and alternate exchange only (README)."""
+    text = _fails_once({**ready, "CDC_RELAY_EXCHANGE": "other"}, "RabbitMQ", "refused access")
+    assert "exchange 'other'" in text or "other" in text
+    assert "configure" in text
+
+
+def test_a_superuser_is_warned_about_and_the_least_privileged_role_is_not(
+    tls_pg: PostgresSandbox, tls_rabbit: RabbitSandbox, pki: Authority, ready: dict[str, str]
+) -> None:
+    superuser = pg_dsn(
+        tls_pg,
+        pki,
+        user="postgres",
+        password=PG_PASSWORD,
+        sslcert=str(pki.root / "absent.crt"),
+        sslkey=str(pki.root / "absent.key"),
+    )
+    for dsn, warned in ((superuser, True), (ready["CDC_RELAY_PG_DSN"], False)):
+        out = run_until_streaming({**ready, "CDC_RELAY_PG_DSN": dsn})
+        records = _records(out)
+        assert any(r.get("msg") == "streaming" for r in records), out[-2000:]
+        said = any("runs as a superuser" in str(r.get("msg")) for r in records)
+        assert said is warned, out[-2000:]
+        assert PG_PASSWORD not in out
