@@ -524,6 +524,30 @@ def recovery_targets(results: dict[str, Result]) -> list[dict[str, Any]]:
     ]
 
 
+def tls_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """The drain over TLS on both sides against plain (medians of the rounds): a measurement
+    to report, with no target (met is None)."""
+    plain, tls = results.get("tls_plain"), results.get("tls_tls")
+    name = "drain over TLS on both sides vs plain (reported, no target)"
+    if not (_ok(plain) and _ok(tls)):
+        why = _error(plain) or _error(tls) or "not run"
+        return [{"target": name, "met": None, "measured": f"n/a ({why})"}]
+    assert plain is not None and tls is not None
+    rounds = ", ".join(
+        _r(b / a)
+        for a, b in zip(plain.get("round_rates", []), tls.get("round_rates", []), strict=False)
+    )
+    return [
+        {
+            "target": name,
+            "met": None,
+            "measured": f"{tls['rate'] / plain['rate']:.2f}x ({tls['rate']:,.0f} vs "
+            f"{plain['rate']:,.0f} ev/s at N={tls['n']:,}; per round {rounds}; relay CPU "
+            f"µs/event {tls['cpu_us_per_event']:.1f} vs {plain['cpu_us_per_event']:.1f})",
+        }
+    ]
+
+
 def targets_text(items: list[dict[str, Any]]) -> str:
     lines = ["targets:"]
     for t in items:

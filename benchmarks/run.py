@@ -68,6 +68,7 @@ from benchmarks.workload import (
     write_backlog,
 )
 from tests.sandbox import PG_BIN, PostgresSandbox, RabbitSandbox, free_port
+from tests.tls import Authority, make_authority
 
 DB = "bench"
 EXCHANGE = "bench"
@@ -78,7 +79,7 @@ STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
 # what a full run does; ``--only shapes`` or ``--only recovery`` runs one section alone
-SECTIONS = ("main", "shapes", "recovery")
+SECTIONS = ("main", "shapes", "recovery", "tls")
 
 Result = dict[str, Any]
 
@@ -213,10 +214,13 @@ class Bench:
         self.children: list[Child] = []
         self._broker_pids: list[int] = []  # found on first use
         self.meta: dict[str, Any] = {}
+        self.pki: Authority
 
     # -- servers --------------------------------------------------------------------------------
     def start(self) -> Result:
         t = time.monotonic()
+        if "tls" in self.plan.sections:
+            self._enable_tls()
         self.pg.start()
         self.rabbit.start()
         self.amqp = self.rabbit.amqp_url
@@ -238,6 +242,46 @@ class Bench:
             servers_start_s=round(time.monotonic() - t, 1),
         )
         return dict(self.meta)
+
+    def _enable_tls(self) -> None:
+        """TLS listeners on both servers, with a throwaway CA (the tls section's drains)."""
+        pki = make_authority(self.root / "pki")
+        self.pki = pki
+        self.pg.init()
+        certs = self.pg.data / "certs"
+        certs.mkdir(exist_ok=True)
+        for name, source in (("server.crt", pki.server.cert), ("server.key", pki.server.key)):
+            (certs / name).write_bytes(source.read_bytes())
+            (certs / name).chmod(0o600)
+            self.pg.chown(certs / name)
+        self.pg.chown(certs)
+        self.pg.settings.update(
+            ssl="on",
+            ssl_cert_file=str(certs / "server.crt"),
+            ssl_key_file=str(certs / "server.key"),
+        )
+        self.rabbit.tls_port = free_port()
+        self.rabbit.extra_conf.update(
+            {
+                "listeners.ssl.default": f"127.0.0.1:{self.rabbit.tls_port}",
+                "ssl_options.cacertfile": str(pki.ca),
+                "ssl_options.certfile": str(pki.server.cert),
+                "ssl_options.keyfile": str(pki.server.key),
+                "ssl_options.verify": "verify_none",
+            }
+        )
+
+    def plain_settings(self) -> dict[str, str]:
+        """No TLS at all: libpq's default sslmode=prefer would use it once the server offers it."""
+        return {"PG_DSN": f"{self.dsn}?sslmode=disable"}
+
+    def tls_settings(self) -> dict[str, str]:
+        """Relay settings for the same servers over TLS, peers verified against the test CA."""
+        ca = str(self.pki.ca)
+        return {
+            "PG_DSN": f"{self.dsn}?sslmode=verify-full&sslrootcert={ca}",
+            "AMQP_URL": f"amqps://guest:guest@localhost:{self.rabbit.tls_port}/%2F?cacertfile={ca}",
+        }
 
     def end_children(self) -> None:
         """Kill whatever a scenario left running (a failed step must not leak a relay)."""
@@ -919,6 +963,32 @@ def _steps(bench: Bench, plan: Plan) -> list[Step]:
         steps += _shape_steps(bench, plan)
     if "recovery" in plan.sections:
         steps += _recovery_steps(bench, plan)
+    if "tls" in plan.sections:
+        steps += _tls_steps(bench, plan)
+    return steps
+
+
+def _tls_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Round after round, the backlog drain over plain connections (sslmode=disable), then over
+    TLS on both sides (verify-full to PostgreSQL, amqps with the CA to RabbitMQ)."""
+    n = plan.backlog
+    steps: list[Step] = []
+    for r in range(1, plan.rounds + 1):
+        tag = f" (round {r}/{plan.rounds})"
+        steps += [
+            (
+                f"tls_plain#{r}",
+                f"cdc-relay drain, plain, N={n:,}{tag}",
+                lambda: bench.cdc_drain(
+                    "tls_plain", n, plan.txn_size, settings=bench.plain_settings()
+                ),
+            ),
+            (
+                f"tls_tls#{r}",
+                f"cdc-relay drain, TLS on both sides, N={n:,}{tag}",
+                lambda: bench.cdc_drain("tls_tls", n, plan.txn_size, settings=bench.tls_settings()),
+            ),
+        ]
     return steps
 
 
@@ -1211,6 +1281,8 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         targets += report.shape_targets(results, plan)
     if "recovery" in plan.sections:
         targets += report.recovery_targets(results)
+    if "tls" in plan.sections:
+        targets += report.tls_summary(results)
     print()
     if main_section:
         print(report.table(rows))
@@ -1274,10 +1346,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["shapes", "recovery"],
+        choices=["shapes", "recovery", "tls"],
         help="run one section: 'shapes' (the outbox shapes against their two ceilings, the "
         "relay's idle cost and start-up time) or 'recovery' (init --backfill against the "
-        "streaming drain of the same rows)",
+        "streaming drain of the same rows) or 'tls' (the drain over TLS on both sides "
+        "against plain)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(

@@ -1,10 +1,15 @@
--- A least-privilege role for cdc-relay (run as a superuser; replace the password).
--- The relay needs REPLICATION to stream, SELECT on the outbox for the start-up checks,
--- and ownership of the publication only if it should create it (`cdc-relay init`).
+-- The least-privilege role for cdc-relay: run this as a superuser (or the outbox's owner for
+-- the publication), after replacing the password. The suite runs exactly this file and then
+-- `cdc-relay init` and `cdc-relay run` as the role (tests/integration/test_tls.py).
+--
+-- The relay needs: LOGIN and REPLICATION (to create its slot and stream from it), and SELECT
+-- on the outbox (start-up checks, and the rows `init --backfill`, `recover` and `replay` read).
+-- It never writes to the outbox. It owns nothing, so it cannot alter the publication it reads;
+-- it then cannot record its slot in the publication's comment (it warns), and `init
+-- --backfill` / `recover` must run as the publication's owner.
 CREATE ROLE cdc_relay WITH LOGIN REPLICATION PASSWORD 'change-me';
 GRANT USAGE ON SCHEMA public TO cdc_relay;
 GRANT SELECT ON public.outbox TO cdc_relay;
--- The application role writes events; the relay never writes to the outbox.
--- CREATE PUBLICATION needs ownership of the table, so create it once as the table owner:
---   CREATE PUBLICATION cdc_relay FOR TABLE public.outbox WITH (publish = 'insert, truncate');
--- and let `cdc-relay init` (run as cdc_relay) create only the slot.
+
+-- CREATE PUBLICATION needs ownership of the table: the table's owner creates it, once.
+CREATE PUBLICATION cdc_relay FOR TABLE public.outbox WITH (publish = 'insert, truncate');

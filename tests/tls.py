@@ -12,6 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+CLIENT_CN = "cdc_relay"  # sql/relay_role.sql's role
+
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
@@ -32,7 +34,7 @@ class Authority:
     other_ca: Path  # a CA that signed none of them
     server: Pair  # CN localhost, SAN DNS:localhost, IP:127.0.0.1
     server_wrong_name: Pair  # CN elsewhere.invalid: for the hostname check
-    client: Pair  # CN relay (the RabbitMQ/PostgreSQL user it maps to)
+    client: Pair  # CN cdc_relay (the PostgreSQL role and RabbitMQ user it maps to)
     client_expired: Pair
     client_foreign: Pair  # signed by other_ca
     client_key_password: str
@@ -78,7 +80,7 @@ def make_authority(root: Path) -> Authority:
     root.mkdir(parents=True, exist_ok=True)
     ca = _ca(root, "test-ca")
     other = _ca(root, "other-ca")
-    client = _issue(root, "client", "relay", ca)
+    client = _issue(root, "client", CLIENT_CN, ca)
     password = "key-pass-Zq7"
     encrypted = root / "client-encrypted.key"
     _openssl(
@@ -96,8 +98,8 @@ def make_authority(root: Path) -> Authority:
             root, "server-elsewhere", "elsewhere.invalid", ca, san="DNS:elsewhere.invalid"
         ),
         client=client,
-        client_expired=_issue(root, "client-expired", "relay", ca, days=-1),
-        client_foreign=_issue(root, "client-foreign", "relay", other),
+        client_expired=_issue(root, "client-expired", CLIENT_CN, ca, days=-1),
+        client_foreign=_issue(root, "client-foreign", CLIENT_CN, other),
         client_key_password=password,
         client_encrypted=Pair(client.cert, encrypted),
     )

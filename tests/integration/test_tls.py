@@ -24,7 +24,7 @@ from tests.tls import Authority, make_authority
 
 pytestmark = pytest.mark.integration
 
-ROLE = "relay"  # the certificates' CN: the PostgreSQL role and the RabbitMQ user
+ROLE = "cdc_relay"  # the certificates' CN: sql/relay_role.sql's role, and the RabbitMQ user
 RABBIT_PASSWORD = "mq-Secret-p@ss:w/rd"  # unencoded '@', ':' and '/' must never leak
 
 
@@ -67,10 +67,8 @@ def tls_pg(pki: Authority, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         conn.execute("CREATE DATABASE app")
     with psycopg.connect(dsn_for(server, "app"), autocommit=True) as conn:
         conn.execute(catalog.outbox_ddl().encode())
-        conn.execute(b"CREATE PUBLICATION tls FOR TABLE outbox WITH (publish = 'insert, truncate')")
-        # least privilege: log in and replicate, read the outbox; owns nothing
-        conn.execute(f"CREATE ROLE {ROLE} LOGIN REPLICATION".encode())
-        conn.execute(f"GRANT SELECT ON outbox TO {ROLE}".encode())
+        # least privilege, as the README tells: log in, replicate, read the outbox; owns nothing
+        conn.execute((REPO / "sql" / "relay_role.sql").read_bytes())
     try:
         yield server
     finally:
@@ -152,8 +150,6 @@ def relay_env(
     env = {
         "CDC_RELAY_PG_DSN": pg_dsn(pg_server, pki),
         "CDC_RELAY_AMQP_URL": amqp_url(mq, pki),
-        "CDC_RELAY_SLOT": "tls",
-        "CDC_RELAY_PUBLICATION": "tls",
         "CDC_RELAY_EXCHANGE": "tls",
         "CDC_RELAY_HTTP_ADDRESS": "127.0.0.1:0",
         "CDC_RELAY_STATUS_INTERVAL": "1",
@@ -206,7 +202,7 @@ def ready(tls_pg: PostgresSandbox, tls_rabbit: RabbitSandbox, pki: Authority) ->
     env = relay_env(tls_pg, tls_rabbit, pki)
     out = cli(env, "init")
     assert out.returncode == 0, out.stderr
-    assert "created slot tls" in out.stdout
+    assert "created slot cdc_relay" in out.stdout
     return env
 
 

@@ -877,7 +877,7 @@ def test_plan_shapes_quick_and_full() -> None:
         10_000,
     )
     assert [s.key for s in QUICK.shapes if s.bytes_target] == ["kb2"]
-    assert QUICK.sections == ("main", "shapes", "recovery")
+    assert QUICK.sections == ("main", "shapes", "recovery", "tls")
     only = Plan.make(quick=True, payload=150, rate=2000.0, seconds=None, only="shapes")
     assert only.sections == ("shapes",)
     assert (QUICK.recovery, FULL.recovery) == (100_000, 1_000_000)
@@ -1227,3 +1227,16 @@ def test_a_slow_or_fat_backfill_is_not_met_and_a_failed_one_is_na() -> None:
     failed = report.recovery_targets({"recovery_stream": drain(), "recovery_backfill": error()})
     assert [t["met"] for t in failed] == [None]
     assert "RuntimeError: boom" in failed[0]["measured"]
+
+
+def test_tls_is_reported_as_a_ratio_without_a_target() -> None:
+    results = {
+        "tls_plain": _combine([drain(rate=10_000.0), drain(rate=12_000.0)]),
+        "tls_tls": _combine([drain(rate=9_000.0, cpu=40.0), drain(rate=10_000.0, cpu=40.0)]),
+    }
+    (line,) = report.tls_summary(results)
+    assert line["met"] is None
+    assert line["measured"].startswith("0.86x (9,500 vs 11,000 ev/s")
+    assert "per round 0.90x, 0.83x" in line["measured"]
+    (failed,) = report.tls_summary({"tls_plain": drain(), "tls_tls": error()})
+    assert failed["met"] is None and "boom" in failed["measured"]
