@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# PostgreSQL 15 and RabbitMQ come from the distribution's packages when absent.
+# PostgreSQL 15, RabbitMQ and Prometheus (server and promtool, for the alert-rule tests) come
+# from the distribution's packages when absent; --no-install-recommends keeps exporters out.
 system-deps:
 	@if [ ! -x $(PG_BIN)/postgres ] || [ ! -x $(RABBIT) ]; then \
 		echo "installing PostgreSQL 15 / RabbitMQ with apt-get"; \
@@ -34,6 +35,12 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 			$$([ -x $(PG_BIN)/postgres ] || echo postgresql-15) \
 			$$([ -x $(RABBIT) ] || echo rabbitmq-server) >/dev/null; \
+	fi
+	@if [ ! -x /usr/bin/promtool ] || [ ! -x /usr/bin/prometheus ]; then \
+		echo "installing Prometheus with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null; \
 	fi
 
 lint: install

@@ -940,6 +940,23 @@ class PublicationCheck:
         self._vouched = watermark
         return watermark
 
+    def slot_wal(self) -> tuple[int, int] | None:
+        """(WAL bytes the slot retains, bytes it may still retain or -1 when unlimited)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return None
+        with sql_errors(self._cfg, "reading the slot's WAL"):
+            row = _one(
+                conn,
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, "
+                "coalesce(safe_wal_size, -1)::bigint FROM pg_replication_slots "
+                "WHERE slot_name = %s",
+                self._cfg.slot,
+            )
+        if row is None or row[0] is None:
+            return None
+        return int(str(row[0])), int(str(row[1]))
+
     def record_confirmed(self, lsn: Lsn, committed: float) -> None:
         """Write the ``Confirmed`` line; a role that may not is told once, then left alone."""
         conn = self._conn

@@ -87,6 +87,8 @@ class PublicationWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publication-watch", daemon=True)
         self.on_checked: Callable[[Lsn], None] = lambda _lsn: None
+        # called from this thread: it only stores a reading for /metrics
+        self.on_slot_wal: Callable[[tuple[int, int] | None], None] = lambda _wal: None
         self.on_drift: Callable[[RelayError], None] = lambda _err: None
 
     def start(self) -> None:
@@ -111,9 +113,16 @@ class PublicationWatch:
                 else:
                     self._post(functools.partial(self.on_checked, watermark))
                     self._record_confirmed(check)
+                    self._read_slot_wal(check)
                 self._stop.wait(self._cfg.publication_check_interval)
         finally:
             check.close()
+
+    def _read_slot_wal(self, check: catalog.PublicationCheck) -> None:
+        try:
+            self.on_slot_wal(check.slot_wal())
+        except RelayError as err:
+            log.warning("could not read the slot's WAL", extra={"error": str(err)})
 
     def _record_confirmed(self, check: catalog.PublicationCheck) -> None:
         """Now and then, note the newest confirmed commit in the publication's comment: after
@@ -415,6 +424,7 @@ class Session:
         )
         self._ioloop.call_later(TICK, self._guard(self._tick))
         self._watch.on_checked = lambda w: self._apply(self._pipeline.publication_checked(w))
+        self._watch.on_slot_wal = functools.partial(setattr, self._stats, "slot_wal")
         self._watch.on_drift = lambda err: self._apply(self._pipeline.publication_drifted(err))
         self._watch.start()
         self._apply(self.pipeline.streaming_started(time.monotonic()))

@@ -61,6 +61,9 @@ class Stats:
     oldest_unconfirmed_commit: float | None = None  # unix time of the oldest pending commit
     # (end LSN, unix commit time) of the newest transaction whose events are all confirmed
     confirmed_commit: tuple[int, float] | None = None
+    # (WAL bytes the slot retains, bytes it may still retain or -1 when unlimited), read with
+    # each publication check; None until the first
+    slot_wal: tuple[int, int] | None = None
     last_status_update: float = 0.0
     # the confirmed point moved, or the server answered while nothing was owed (idle)
     last_progress: float = field(default_factory=time.time)
@@ -216,6 +219,24 @@ class _StatsCollector(Collector):
             g = GaugeMetricFamily(gname, gdoc, labels=labels)
             g.add_metric([self._slot], gvalue)
             yield g
+        slot_wal = s.slot_wal
+        if slot_wal is not None:
+            for wname, wdoc, wvalue in (
+                (
+                    "cdc_relay_slot_retained_wal_bytes",
+                    "WAL the slot keeps on the server (current WAL minus restart_lsn)",
+                    slot_wal[0],
+                ),
+                (
+                    "cdc_relay_slot_safe_wal_bytes",
+                    "WAL the slot may still retain before max_slot_wal_keep_size invalidates it "
+                    "(-1: unlimited)",
+                    slot_wal[1],
+                ),
+            ):
+                w = GaugeMetricFamily(wname, wdoc, labels=labels)
+                w.add_metric([self._slot], wvalue)
+                yield w
         unroutable = GaugeMetricFamily(
             "cdc_relay_unroutable_events",
             "Events waiting in <exchange>.unroutable",
