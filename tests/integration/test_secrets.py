@@ -5,44 +5,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from tests.integration.harness import REPO, Env, Relay, insert_events, outbox_row
+from tests.integration.harness import REPO, Env, OtlpReceiver, Relay, insert_events, outbox_row
 
 pytestmark = pytest.mark.integration
 
 PG_SECRET = "pg-S3cret@x:y/z'q"
 MQ_SECRET = "mq-S3cret@x:y/z"
-
-
-class RawOtlp:
-    """Keeps every OTLP/HTTP export body as it arrived (protobuf carries strings verbatim)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                receiver.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @pytest.fixture
@@ -84,30 +60,18 @@ def _leaks(text: str | bytes) -> list[str]:
     return [f for f in forms if f.encode() in data]
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cdc_relay.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
-
-
 def test_passwords_from_files_work_and_appear_nowhere(env: Env, secrets: dict[str, str]) -> None:
     printed: list[str] = []
     for args in (("--help",), ("run", "--help"), ("init", "--create-outbox"), ("status",)):
-        out = _cli(secrets, *args)
+        out = env.cli(*args, env=secrets)
         assert out.returncode == 0, out.stderr
         printed.append(out.stdout + out.stderr)
-    out = _cli(secrets, "status", "--json")
+    out = env.cli("status", "--json", env=secrets)
     assert out.returncode == 0 and '"exists": true' in out.stdout
     printed.append(out.stdout + out.stderr)
     env.bind_queue()
 
-    otlp = RawOtlp()
+    otlp = OtlpReceiver()
     run_env = {
         **secrets,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
@@ -127,7 +91,7 @@ def test_passwords_from_files_work_and_appear_nowhere(env: Env, secrets: dict[st
         env.wait_for(lambda: len(otlp.bodies) > 0, timeout=20, what="spans exported")
     finally:
         code = relay.terminate()
-        otlp.server.shutdown()
+        otlp.close()
     assert code == 0, relay.log()[-2000:]
     printed.append(relay.log())
 
@@ -135,7 +99,7 @@ def test_passwords_from_files_work_and_appear_nowhere(env: Env, secrets: dict[st
     bad_db = Path(secrets["CDC_RELAY_PG_DSN_FILE"]).read_text().replace(env.dbname, "no_such_db")
     bad_dsn = env.tmp / "bad_dsn"
     bad_dsn.write_text(bad_db)
-    failed = _cli({**secrets, "CDC_RELAY_PG_DSN_FILE": str(bad_dsn)}, "run")
+    failed = env.cli("run", env={**secrets, "CDC_RELAY_PG_DSN_FILE": str(bad_dsn)})
     assert failed.returncode == 1 and "no_such_db" in failed.stderr
     printed.append(failed.stdout + failed.stderr)
     bad_vhost = env.tmp / "bad_url"
@@ -166,15 +130,15 @@ def test_a_setting_and_its_file_together_are_refused(env: Env) -> None:
     secret = env.tmp / "slot"
     secret.write_text("from_file\n")
     both = env.relay_env(slot_file=str(secret))
-    out = _cli(both, "status")
+    out = env.cli("status", env=both)
     assert out.returncode == 2
     assert "both CDC_RELAY_SLOT and CDC_RELAY_SLOT_FILE are set: keep one" in out.stderr
     alone = env.relay_env(slot_file=str(secret))
     del alone["CDC_RELAY_SLOT"]
-    out = _cli(alone, "status")
+    out = env.cli("status", env=alone)
     assert "from_file" in out.stdout, "the trailing newline is dropped, the value used"
     missing = env.relay_env(pg_dsn_file=str(env.tmp / "absent"))
     del missing["CDC_RELAY_PG_DSN"]
-    out = _cli(missing, "status")
+    out = env.cli("status", env=missing)
     assert out.returncode == 2
     assert f"CDC_RELAY_PG_DSN_FILE: cannot read {env.tmp / 'absent'}" in out.stderr
