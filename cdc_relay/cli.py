@@ -70,6 +70,14 @@ examples:
 """
 
 
+CONSUME_EXAMPLES = """\
+examples:
+  cdc-relay consume --init --queue warehouse            # create the inbox tables
+  cdc-relay consume --queue warehouse --handler warehouse.apply:on_event
+
+"""
+
+
 def _epilog() -> str:
     return (
         "settings (TOML key, then environment variable; the environment wins; "
@@ -243,12 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every retained row")
     p.add_argument("--dry-run", action="store_true", help="print how many rows, send nothing")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "consume",
+        parents=[common],
+        formatter_class=fmt,
+        epilog=CONSUME_EXAMPLES + _epilog(),
+        help="apply events from a queue exactly once, in order per aggregate (inbox consumer)",
+        description="Consume a queue with manual acks and calls HANDLER(event, conn) for each "
+        "event inside a transaction on the consumer's own database (inbox_dsn) that also "
+        "records the event's id in the inbox table (sql/inbox.sql); commits, then acks. A "
+        "redelivered or replayed id is acked without calling the handler; an event older than "
+        "one applied for its aggregate follows ordering_policy; a handler that keeps raising, "
+        "or a body that is not an envelope, goes to dead_letter_exchange. Needs amqp_url and "
+        "inbox_dsn (not pg_dsn). SIGTERM stops after the message in hand.",
+    )
+    p.add_argument("--queue", required=True, metavar="NAME", help="the queue to consume")
+    p.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="called as FUNCTION(event: EnvelopeV1, conn: psycopg.Connection) per event",
+    )
+    p.add_argument(
+        "--init", action="store_true", help="create the inbox tables (sql/inbox.sql) and exit"
+    )
+    p.set_defaults(func=cmd_consume)
     return parser
 
 
 def _load(args: argparse.Namespace) -> config.Config:
+    required = config.CONSUMER_REQUIRED if args.command == "consume" else config.REQUIRED
     return config.load(
-        args.config, overrides={"log_level": args.log_level, "log_format": args.log_format}
+        args.config,
+        overrides={"log_level": args.log_level, "log_format": args.log_format},
+        required=required,
     )
 
 
@@ -391,6 +427,37 @@ def cmd_replay(cfg: config.Config, args: argparse.Namespace) -> int:
     reason = f": {config.redact(str(done.error))}" if done.error else " (stopped)"
     print(f"cdc-relay: {line}{reason}; run it again to send the rest", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
+    from cdc_relay import consumer
+
+    if args.init:
+        consumer.open_inbox(cfg).close()
+        print(
+            "inbox tables ready: cdc_relay_inbox, cdc_relay_inbox_positions, cdc_relay_inbox_parked"
+        )
+        return EXIT_OK
+    if not args.handler:
+        raise ConfigError("handler", "consume needs --handler MODULE:FUNCTION (or --init)")
+    handler = consumer.load_handler(args.handler)
+    stop = StopSignal()
+    stop.install()
+    log = logging.getLogger("cdc_relay.consumer")
+    delay = cfg.reconnect_min
+    while not stop.requested:
+        worker = consumer.Consumer(cfg, args.queue, handler, stop)
+        try:
+            worker.run()
+        except RelayError as err:
+            if not err.retryable:
+                raise
+            log.warning("consumer retrying after failure", extra={"error": str(err)})
+            stop.wait(delay)
+            delay = min(cfg.reconnect_max, delay * 2)
+            continue
+        break
+    return EXIT_OK
 
 
 def parse_time(text: str, setting: str) -> dt.datetime:

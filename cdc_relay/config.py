@@ -37,8 +37,8 @@ class Route(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """All settings of the relay. Field docs feed ``cdc-relay --help``."""
 
-    pg_dsn: str
-    amqp_url: str
+    pg_dsn: str = ""  # required by every command but `consume` (see REQUIRED)
+    amqp_url: str = ""
     slot: str = "cdc_relay"
     publication: str = "cdc_relay"
     outbox_table: str = "public.outbox"
@@ -79,6 +79,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logical_messages: bool = True
     message_prefix: str = "outbox"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
+    inbox_dsn: str = ""
+    consumer_prefetch: int = 100
+    handler_retries: int = 3
+    ordering_policy: Literal["skip", "apply", "park"] = "skip"
 
     @property
     def tables(self) -> tuple[tuple[str, str], ...]:
@@ -166,9 +170,17 @@ HELP: dict[str, str] = {
     "message_prefix": "prefix of logical decoding messages that are outbox events",
     "routes": 'per-table exchange/routing_key overrides: [relay.routes."schema.table"] '
     "(environment: a JSON object)",
+    "inbox_dsn": "`consume`: the consumer's own PostgreSQL, where its inbox and its handler's "
+    "writes live (required by `consume`)",
+    "consumer_prefetch": "`consume`: unacknowledged messages the broker may send ahead",
+    "handler_retries": "`consume`: retries of a handler that raised (with backoff) before the "
+    "message goes to dead_letter_exchange",
+    "ordering_policy": "`consume`: an event older than one applied for its aggregate is "
+    "skipped (counted), applied anyway, or parked for an operator (skip, apply, park)",
 }
 
-REQUIRED = ("pg_dsn", "amqp_url")
+REQUIRED = ("pg_dsn", "amqp_url")  # for the relay's commands; `consume` needs CONSUMER_REQUIRED
+CONSUMER_REQUIRED = ("amqp_url", "inbox_dsn")
 
 
 def env_name(key: str) -> str:
@@ -185,7 +197,7 @@ def split_table(name: str) -> tuple[str, str]:
     raise ConfigError("outbox_table", f"expected schema.table, got {name!r}")
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, required: tuple[str, ...] = REQUIRED) -> None:
     for key in ("slot", "publication"):
         value = getattr(cfg, key)
         if not _NAME_RE.match(value):
@@ -266,7 +278,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("reconnect_max", "must be at least reconnect_min")
     if cfg.amqp_heartbeat < 0:
         raise ConfigError("amqp_heartbeat", "must be 0 (off) or more")
-    for key in REQUIRED:
+    if cfg.consumer_prefetch < 1:
+        raise ConfigError("consumer_prefetch", "must be at least 1")
+    if cfg.handler_retries < 0:
+        raise ConfigError("handler_retries", "must be 0 or more")
+    for key in required:
         if not getattr(cfg, key).strip():
             raise ConfigError(key, f"is empty; set {env_name(key)} or {key} in the config file")
 
@@ -315,6 +331,7 @@ def load(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    required: tuple[str, ...] = REQUIRED,
 ) -> Config:
     """Merge file < environment < explicit overrides, then validate.
 
@@ -330,14 +347,14 @@ def load(
         if value is not None:
             raw[key] = _routes_from_env(value) if key == "routes" else value
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key in REQUIRED:
+    for key in required:
         if key not in raw:
             raise ConfigError(key, f"is required; set {env_name(key)} or {key} in the config file")
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise _named(exc) from None
-    _validate(cfg)
+    _validate(cfg, required)
     return cfg
 
 

@@ -1,8 +1,9 @@
 """Named failpoints for fault tests: ``CDC_RELAY_FAILPOINTS="loop.wedge=3"``.
 
 A failpoint does nothing unless the environment names it, and then only what its name says
-(here: sleep inside the event loop for N seconds, once). Tests use it to prove that health
-checks notice a stuck loop; operators never set it.
+(``wedge``: sleep inside the event loop for N seconds, once; ``crash``: exit like kill -9 on the
+Nth call). Tests use them to prove that health checks notice a stuck loop and that a consumer
+killed between its commit and its ack applies nothing twice; operators never set them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import time
 
 _fired: set[str] = set()
+_calls: dict[str, int] = {}
 
 
 def _configured() -> dict[str, float]:
@@ -31,3 +33,13 @@ def wedge(name: str) -> None:
     if seconds and name not in _fired:
         _fired.add(name)
         time.sleep(seconds)
+
+
+def crash(name: str) -> None:
+    """Exit the process at once (no cleanup, like kill -9) on the Nth call, if ``name=N``."""
+    nth = _configured().get(name)
+    if not nth:
+        return
+    _calls[name] = _calls.get(name, 0) + 1
+    if _calls[name] >= nth:
+        os._exit(137)

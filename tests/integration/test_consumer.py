@@ -1,0 +1,249 @@
+"""The inbox consumer (`cdc-relay consume`) against the real servers: exactly once under kill -9
+of consumer and relay, the ordering guard, poison messages and bodies that are not envelopes.
+The consumer's database is a second database on the suite's server; what the handler applied is
+checked there, in its own table."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pika
+import psycopg
+import pytest
+
+from tests.integration.harness import REPO, Env, Flood, dsn_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def inbox_dsn(env: Env) -> Iterator[str]:
+    name = f"{env.dbname}_inbox"[:63]
+    with psycopg.connect(env.pg.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    dsn = dsn_for(env.pg, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
+            "aggregate_id text NOT NULL, seq int)"
+        )
+    yield dsn
+    with psycopg.connect(env.pg.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+class ConsumerProc:
+    def __init__(self, env: Env, dsn: str, handler: str, **settings: str) -> None:
+        proc_env = env.relay_env(inbox_dsn=dsn, **settings)
+        del proc_env["CDC_RELAY_PG_DSN"]  # `consume` needs no source database
+        self.log_path = env.tmp / f"consumer-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cdc_relay.cli",
+                "consume",
+                "--queue",
+                env.queue,
+                "--handler",
+                f"tests.integration.handlers:{handler}",
+            ],
+            env=proc_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_consuming(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while '"msg": "consuming"' not in self.log():
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(30)
+        self._log.close()
+        return code
+
+
+def _applied(dsn: str) -> list[tuple[str, str, int | None]]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            (str(r[0]), str(r[1]), r[2])
+            for r in conn.execute(
+                "SELECT event_id, aggregate_id, seq FROM applied_events ORDER BY n"
+            )
+        ]
+
+
+def _outcomes(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        return {
+            str(r[0]): str(r[1]) for r in conn.execute("SELECT id, outcome FROM cdc_relay_inbox")
+        }
+
+
+def test_kill_9_of_consumer_and_relay_during_a_flood_applies_each_event_once(
+    env: Env, inbox_dsn: str
+) -> None:
+    env.init()
+    relay = env.start_relay()
+    relay.wait_streaming()
+    rng = random.Random(7)
+    flood = Flood(env, aggregates=20, batch=50, limit=50_000, pause=0.002).start()
+    # the first consumer dies between a commit and its ack (the worst moment)
+    consumer = ConsumerProc(env, inbox_dsn, "record", failpoints="consumer.after_commit=400")
+    consumer.wait_consuming()
+    kills = relay_kills = 0
+    while len(flood.committed) < flood.limit and (kills < 5 or relay_kills < 3):
+        time.sleep(rng.uniform(0.5, 1.5))
+        if kills < 5:
+            consumer.kill()
+            kills += 1
+            consumer = ConsumerProc(env, inbox_dsn, "record")
+            consumer.wait_consuming()
+        if relay_kills < 3 and kills % 2 == 1:
+            relay.kill()
+            relay_kills += 1
+            relay = env.start_relay()
+            relay.wait_streaming()
+    expected = flood.stop()
+    assert kills == 5 and relay_kills == 3, (kills, relay_kills, len(expected))
+
+    def drained() -> bool:
+        return len({e for e, _, _ in _applied(inbox_dsn)}) >= len(expected)
+
+    env.wait_for(drained, timeout=240, what="every committed event applied")
+    env.wait_for(lambda: env.queue_depth() == 0, timeout=60, what="the queue to drain")
+    assert consumer.terminate() == 0
+    assert relay.terminate() == 0
+    applied = _applied(inbox_dsn)
+    ids = [e for e, _, _ in applied]
+    assert len(ids) == len(set(ids)), "an event was applied twice"
+    assert set(ids) == set(expected) - flood.rolled_back
+    last: dict[str, int] = {}
+    for _event, aggregate, seq in applied:
+        assert seq is not None and seq > last.get(aggregate, -1), (aggregate, seq)
+        last[aggregate] = seq
+    outcomes = _outcomes(inbox_dsn)
+    assert set(outcomes.values()) == {"applied"}
+    print(f"{len(expected)} events, consumer killed 5 times, relay 3 times: each applied once")
+
+
+def _envelope(aggregate: str, commit_lsn: str, lsn: str, seq: int, **source: Any) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "id": str(uuid.uuid4()),
+        "aggregate_type": "order",
+        "aggregate_id": aggregate,
+        "type": "OrderPlaced",
+        "payload": {"seq": seq},
+        "occurred_at": None,
+        "committed_at": "2026-11-29T06:00:00Z",
+        "source": {
+            "lsn": lsn,
+            "commit_lsn": commit_lsn,
+            "txid": 1,
+            "slot": "s",
+            "database": "d",
+            **source,
+        },
+    }
+
+
+def _publish(env: Env, bodies: list[bytes]) -> None:
+    with env.channel() as ch:
+        for body in bodies:
+            ch.basic_publish(
+                "", env.queue, body, pika.BasicProperties(delivery_mode=2, message_id="m")
+            )
+
+
+@pytest.mark.parametrize("policy", ["skip", "park", "apply"])
+def test_an_older_event_after_a_newer_one_follows_the_ordering_policy(
+    env: Env, inbox_dsn: str, policy: str
+) -> None:
+    env.bind_queue()
+    newer = _envelope("A", "0/2000", "0/1F00", 2)
+    older = _envelope("A", "0/1000", "0/0F00", 1)  # a redelivery that overtook, say
+    backfilled = [
+        _envelope("B", "0/3000", "0/3000", i, snapshot=True) for i in range(3)
+    ]  # one snapshot: equal positions, all applied
+    replayed = _envelope("C", "0/0", "0/0", 0, snapshot=True)  # C has nothing: fills the gap
+    _publish(env, [json.dumps(e).encode() for e in (newer, older, *backfilled, replayed)])
+    consumer = ConsumerProc(env, inbox_dsn, "record", ordering_policy=policy)
+    consumer.wait_consuming()
+    env.wait_for(lambda: len(_outcomes(inbox_dsn)) == 6, timeout=30, what="six events taken")
+    env.wait_for(lambda: env.queue_depth() == 0, timeout=30, what="all acked")
+    assert consumer.terminate() == 0
+    applied = [e for e, _, _ in _applied(inbox_dsn)]
+    outcomes = _outcomes(inbox_dsn)
+    assert [e["id"] for e in backfilled] == [
+        i for i in applied if i in {b["id"] for b in backfilled}
+    ]
+    assert replayed["id"] in applied and newer["id"] in applied
+    expected = {"skip": "skipped", "park": "parked", "apply": "applied"}[policy]
+    assert outcomes[older["id"]] == expected
+    assert (older["id"] in applied) is (policy == "apply")
+    with psycopg.connect(inbox_dsn) as conn:
+        parked = [r[0] for r in conn.execute("SELECT id FROM cdc_relay_inbox_parked")]
+    assert parked == ([older["id"]] if policy == "park" else [])
+
+
+def test_poison_messages_go_to_the_dead_letter_exchange_and_the_rest_is_applied(
+    env: Env, inbox_dsn: str
+) -> None:
+    env.bind_queue()
+    dlx, dlq = f"{env.exchange}.dlx", f"{env.queue}.dlq"
+    with env.channel() as ch:
+        ch.exchange_declare(dlx, "fanout", durable=True)
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_bind(dlq, dlx)
+    good = [_envelope("OK", f"0/{1000 + i:X}", f"0/{1000 + i:X}", i) for i in range(5)]
+    poison = _envelope("POISON", "0/9000", "0/9000", 0)
+    bodies = [json.dumps(e).encode() for e in good[:2]]
+    bodies += [json.dumps(poison).encode(), b"{not json", b'{"v": 2, "id": "x"}']
+    bodies += [json.dumps(e).encode() for e in good[2:]]
+    _publish(env, bodies)
+    consumer = ConsumerProc(env, inbox_dsn, "poison", dead_letter_exchange=dlx, handler_retries="2")
+    consumer.wait_consuming()
+    env.wait_for(lambda: len(_applied(inbox_dsn)) == 5, timeout=60, what="the good events")
+    env.wait_for(lambda: env.queue_depth() == 0, timeout=30, what="nothing left in the queue")
+    assert consumer.proc.poll() is None, "a poison message must not stop the consumer"
+    assert consumer.terminate() == 0
+    assert [e for e, _, _ in _applied(inbox_dsn)] == [e["id"] for e in good]
+    dead: list[tuple[bytes, dict[str, Any]]] = []
+    with env.channel() as ch:
+        while True:
+            method, props, body = ch.basic_get(dlq, auto_ack=True)
+            if method is None:
+                break
+            dead.append((body, dict(props.headers or {})))
+    assert len(dead) == 3
+    reasons = {body: headers["x-cdc-relay-error"] for body, headers in dead}
+    assert "cannot apply this one" in str(reasons[json.dumps(poison).encode()])
+    assert "not a v1 envelope" in str(reasons[b"{not json"])
+    assert "not a v1 envelope" in str(reasons[b'{"v": 2, "id": "x"}'])
+    log = consumer.log()
+    assert log.count("handler failed; message dead-lettered") == 1
+    assert poison["id"] not in _outcomes(inbox_dsn), "a rolled-back attempt leaves no inbox row"
