@@ -440,23 +440,35 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.handler:
         raise ConfigError("handler", "consume needs --handler MODULE:FUNCTION (or --init)")
+    from cdc_relay.health import HealthServer
+    from cdc_relay.telemetry import Stats
+
     handler = consumer.load_handler(args.handler)
     stop = StopSignal()
     stop.install()
     log = logging.getLogger("cdc_relay.consumer")
+    stats, metrics = Stats(), consumer.ConsumerMetrics(args.queue)
+    health = None
+    if cfg.http_address:
+        health = HealthServer(cfg.http_address, stats, metrics, cfg.health_timeout).start()
     delay = cfg.reconnect_min
-    while not stop.requested:
-        worker = consumer.Consumer(cfg, args.queue, handler, stop)
-        try:
-            worker.run()
-        except RelayError as err:
-            if not err.retryable:
-                raise
-            log.warning("consumer retrying after failure", extra={"error": str(err)})
-            stop.wait(delay)
-            delay = min(cfg.reconnect_max, delay * 2)
-            continue
-        break
+    try:
+        while not stop.requested:
+            worker = consumer.Consumer(cfg, args.queue, handler, stop, stats, metrics)
+            try:
+                worker.run()
+            except RelayError as err:
+                if not err.retryable:
+                    raise
+                stats.consecutive_failures += 1
+                log.warning("consumer retrying after failure", extra={"error": str(err)})
+                stop.wait(delay)
+                delay = min(cfg.reconnect_max, delay * 2)
+                continue
+            break
+    finally:
+        if health is not None:
+            health.stop()
     return EXIT_OK
 
 

@@ -26,17 +26,72 @@ from typing import Any
 import pika
 import pika.exceptions
 import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cdc_relay import broker_url, failpoints, inbox
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, RABBITMQ, ConfigError, ConnectionLost, RelayError
 from cdc_relay.postgres import connect_failure
 from cdc_relay.signals import StopSignal
+from cdc_relay.telemetry import LATENCY_BUCKETS, Stats
 
 log = logging.getLogger("cdc_relay.consumer")
 
 ERROR_HEADER = "x-cdc-relay-error"
 _ERROR_MAX = 512
+
+
+class ConsumerMetrics:
+    """The consumer's /metrics: what happened to each message, and how old events are when
+    applied (commit in the source database → commit in the consumer's)."""
+
+    def __init__(self, queue: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter(
+            "cdc_relay_consumer_events",
+            "Messages taken, by outcome (applied, duplicate, skipped, parked, dead_lettered)",
+            ["queue", "outcome"],
+            registry=self.registry,
+        )
+        self.age = Histogram(
+            "cdc_relay_consumer_age_seconds",
+            "Source commit to applied in the consumer's database, per applied event",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.alert = Gauge(
+            "cdc_relay_consumer_age_alert",
+            "1 while events are applied later than alert_latency after their commit",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.queue = queue
+        for outcome in ("applied", "duplicate", "skipped", "parked", "dead_lettered"):
+            self.events.labels(queue, outcome)
+
+
+class AgeAlert:
+    """One warning per episode when events are applied later than ``threshold`` after their
+    commit; the episode ends when one is applied within half of it."""
+
+    def __init__(self, threshold: float, metrics: ConsumerMetrics) -> None:
+        self.threshold = threshold
+        self.metrics = metrics
+        self.active = False
+
+    def observe(self, age: float, event_id: str) -> None:
+        if not self.active and age > self.threshold:
+            self.active = True
+            self.metrics.alert.labels(self.metrics.queue).set(1)
+            log.warning(
+                "consumer behind: event applied later than threshold after its commit",
+                extra={"age_s": round(age, 3), "threshold_s": self.threshold, "event_id": event_id},
+            )
+        elif self.active and age < self.threshold / 2:
+            self.active = False
+            self.metrics.alert.labels(self.metrics.queue).set(0)
+            log.info("consumer back within threshold", extra={"age_s": round(age, 3)})
 
 
 @dataclass
@@ -80,12 +135,23 @@ def open_inbox(cfg: Config) -> inbox.Conn:
 
 
 class Consumer:
-    def __init__(self, cfg: Config, queue: str, handler: inbox.Handler, stop: StopSignal) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        queue: str,
+        handler: inbox.Handler,
+        stop: StopSignal,
+        stats: Stats | None = None,
+        metrics: ConsumerMetrics | None = None,
+    ) -> None:
         self.cfg = cfg
         self.queue = queue
         self.handler = handler
         self.stop = stop
         self.counts = Counts()
+        self.stats = stats or Stats()
+        self.metrics = metrics or ConsumerMetrics(queue)
+        self.age_alert = AgeAlert(cfg.alert_latency, self.metrics)
 
     def run(self) -> None:
         db = open_inbox(self.cfg)
@@ -105,12 +171,18 @@ class Consumer:
                 "consuming",
                 extra={"queue": self.queue, "broker": broker_url.describe(params)},
             )
+            stats = self.stats
+            stats.streaming = stats.broker_ready = True
+            stats.consecutive_failures = 0
             for method, props, body in channel.consume(self.queue, inactivity_timeout=0.5):
+                stats.last_loop_tick = time.time()
                 if self.stop.requested:
                     break
                 if method is None:
+                    stats.last_progress = stats.last_loop_tick  # idle and connected: fine
                     continue
                 self._one(db, channel, method, props, body)
+                stats.last_progress = time.time()
             channel.cancel()
         except pika.exceptions.AMQPError as exc:
             raise ConnectionLost(
@@ -118,6 +190,7 @@ class Consumer:
                 side=RABBITMQ,
             ) from None
         finally:
+            self.stats.streaming = self.stats.broker_ready = False
             if connection.is_open:
                 connection.close()
             db.close()
@@ -154,11 +227,16 @@ class Consumer:
                 delay *= 2
                 continue
             self._count(outcome)
+            if outcome is inbox.Outcome.APPLIED:
+                age = max(0.0, time.time() - event.committed_at.timestamp())
+                self.metrics.age.labels(self.queue).observe(age)
+                self.age_alert.observe(age, event.id)
             failpoints.crash("consumer.after_commit")  # fault tests: committed, not acked
             channel.basic_ack(method.delivery_tag)
             return
 
     def _count(self, outcome: inbox.Outcome) -> None:
+        self.metrics.events.labels(self.queue, outcome.value).inc()
         c = self.counts
         c.by_outcome[outcome.value] = c.by_outcome.get(outcome.value, 0) + 1
         if outcome is inbox.Outcome.APPLIED:
@@ -173,6 +251,7 @@ class Consumer:
 
     def _dead_letter(self, channel: Any, method: Any, props: Any, body: bytes, why: str) -> None:
         self.counts.dead_lettered += 1
+        self.metrics.events.labels(self.queue, "dead_lettered").inc()
         exchange = self.cfg.dead_letter_exchange
         if not exchange:
             channel.basic_reject(method.delivery_tag, requeue=False)

@@ -12,11 +12,19 @@ import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from cdc_relay.errors import ConfigError
-from cdc_relay.telemetry import Metrics, Stats
+from cdc_relay.telemetry import Stats
+
+
+class HasRegistry(Protocol):
+    """What /metrics serves: the relay's ``Metrics``, or the consumer's."""
+
+    registry: CollectorRegistry
+
 
 log = logging.getLogger("cdc_relay")
 
@@ -33,7 +41,7 @@ class HealthServer:
     """Liveness: the loop ticks, and it is not stuck in a retry loop that never moves the slot.
     Readiness: both connections are up and the slot is streaming."""
 
-    def __init__(self, address: str, stats: Stats, metrics: Metrics, timeout: float) -> None:
+    def __init__(self, address: str, stats: Stats, metrics: HasRegistry, timeout: float) -> None:
         self._stats = stats
         self._metrics = metrics
         self._timeout = timeout

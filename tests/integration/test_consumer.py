@@ -247,3 +247,46 @@ def test_poison_messages_go_to_the_dead_letter_exchange_and_the_rest_is_applied(
     log = consumer.log()
     assert log.count("handler failed; message dead-lettered") == 1
     assert poison["id"] not in _outcomes(inbox_dsn), "a rolled-back attempt leaves no inbox row"
+
+
+def _port(log: str) -> int:
+    for line in log.splitlines():
+        if '"msg": "http endpoints listening"' in line:
+            return int(json.loads(line)["port"])
+    raise AssertionError(f"no http port in:\n{log}")
+
+
+def test_a_stalled_consumer_warns_once_and_exports_the_age(env: Env, inbox_dsn: str) -> None:
+    """Events wait while the consumer is stopped; applied later than alert_latency (1 s here)
+    after their commit, they raise one warning and the age histogram and gauge show it."""
+    import urllib.request
+
+    env.init()
+    relay = env.start_relay()
+    relay.wait_streaming()
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        for i in range(5):
+            conn.execute(
+                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
+                "VALUES (gen_random_uuid(), 'order', 'LATE', 'OrderPlaced', %s::jsonb)",
+                (json.dumps({"seq": i}),),
+            )
+    env.wait_for(lambda: env.queue_depth() == 5, timeout=30, what="five events queued")
+    time.sleep(2.5)  # the consumer is "stalled": not running
+    consumer = ConsumerProc(env, inbox_dsn, "record", alert_latency="1")
+    consumer.wait_consuming()
+    env.wait_for(lambda: len(_applied(inbox_dsn)) == 5, timeout=30, what="the late events")
+    port = _port(consumer.log())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    assert consumer.terminate() == 0
+    assert relay.terminate() == 0
+    log = consumer.log()
+    assert log.count("consumer behind: event applied later than threshold") == 1, log
+    assert f'cdc_relay_consumer_age_seconds_count{{queue="{env.queue}"}} 5.0' in metrics
+    assert f'cdc_relay_consumer_age_alert{{queue="{env.queue}"}} 1.0' in metrics
+    assert (
+        f'cdc_relay_consumer_events_total{{outcome="applied",queue="{env.queue}"}} 5.0' in metrics
+    )
