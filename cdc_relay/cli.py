@@ -78,6 +78,15 @@ examples:
 """
 
 
+AUDIT_EXAMPLES = """\
+examples:
+  cdc-relay audit --since 1h                      # the last hour, in 1-minute windows
+  cdc-relay audit --since 2026-11-28T00:00Z --until 2026-11-29T00:00Z --window 15m --json
+  cdc-relay audit --since 1h --repair             # re-send what the consumer misses
+
+"""
+
+
 def _epilog() -> str:
     return (
         "settings (TOML key, then environment variable; the environment wins; "
@@ -276,11 +285,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--init", action="store_true", help="create the inbox tables (sql/inbox.sql) and exit"
     )
     p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser(
+        "audit",
+        parents=[common],
+        formatter_class=fmt,
+        epilog=AUDIT_EXAMPLES + _epilog(),
+        help="compare what the source committed with what a consumer applied, window by window",
+        description="Compare the retained outbox rows (pg_dsn) with a consumer's inbox "
+        "(inbox_dsn), in windows of created_at: counts and an order-independent hash per "
+        "window; windows that differ list the missing and unexpected ids. The newest --settle "
+        "leaves in-flight events out. Exit 0: they agree; 1: drift; 2: usage error. --repair "
+        "re-publishes the missing ids (replay: same message ids; needs amqp_url), waits for "
+        "the consumer to take them, and audits again.",
+    )
+    p.add_argument("--since", required=True, metavar="TIMESTAMP", help="ISO 8601 or 6h (ago)")
+    p.add_argument("--until", metavar="TIMESTAMP", help="end of the audit (default: now)")
+    p.add_argument("--window", default="1m", metavar="DURATION", help="window size (1m)")
+    p.add_argument("--settle", default="10s", metavar="DURATION", help="leave out the newest (10s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--repair", action="store_true", help="re-publish missing ids, audit again")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
 def _load(args: argparse.Namespace) -> config.Config:
-    required = config.CONSUMER_REQUIRED if args.command == "consume" else config.REQUIRED
+    required = {
+        "consume": config.CONSUMER_REQUIRED,
+        "audit": ("pg_dsn", "inbox_dsn"),
+    }.get(args.command, config.REQUIRED)
     return config.load(
         args.config,
         overrides={"log_level": args.log_level, "log_format": args.log_format},
@@ -470,6 +503,72 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
         if health is not None:
             health.stop()
     return EXIT_OK
+
+
+def cmd_audit(cfg: config.Config, args: argparse.Namespace) -> int:
+    from cdc_relay import audit
+
+    since = parse_time(args.since, "since")
+    until = None if args.until is None else parse_time(args.until, "until")
+    window = retention.parse_duration(args.window, "window")
+    settle = retention.parse_duration(args.settle, "settle")
+    if args.repair and not cfg.amqp_url:
+        raise ConfigError("amqp_url", "--repair publishes: set amqp_url")
+    report = audit.audit(cfg, since, until, window, settle)
+    if args.repair and report.missing:
+        missing = report.missing
+        done = replay.replay(cfg, retained.Selection(ids=missing))
+        print(f"repair: replayed {done.confirmed} of {len(missing)} missing events")
+        if not audit.wait_taken(cfg, missing, timeout=120):
+            print("repair: the consumer has not taken them all after 120 s (is it running?)")
+        report = audit.audit(cfg, since, until, window, settle)
+    _print_audit(report, args.json)
+    return EXIT_OK if not report.drift else EXIT_FAILURE
+
+
+def _print_audit(report: Any, as_json: bool) -> None:
+    drift = report.drift
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "since": report.since.isoformat(),
+                    "until": report.until.isoformat(),
+                    "window_s": report.window.total_seconds(),
+                    "windows": len(report.windows),
+                    "agree": not drift,
+                    "drift": [
+                        {
+                            "window": w.start.isoformat(),
+                            "source": w.source_count,
+                            "inbox": w.inbox_count,
+                            "missing": list(w.missing),
+                            "unexpected": list(w.unexpected),
+                            "held_by_ordering_guard": list(w.held),
+                        }
+                        for w in drift
+                    ],
+                }
+            )
+        )
+        return
+    total = sum(w.source_count for w in report.windows)
+    print(
+        f"audited {len(report.windows)} windows of {report.window.total_seconds():g} s, "
+        f"{total} source events, {report.since.isoformat()} .. {report.until.isoformat()}: "
+        + ("agree" if not drift else f"{len(drift)} windows differ")
+    )
+    for w in drift:
+        print(
+            f"  {w.start.isoformat()}: source {w.source_count}, inbox {w.inbox_count}; "
+            f"missing {', '.join(w.missing) or '-'}; unexpected {', '.join(w.unexpected) or '-'}"
+            + (
+                f"; taken but skipped or parked by the ordering guard: {', '.join(w.held)} "
+                "(apply them with ordering_policy = apply, or see cdc_relay_inbox_parked)"
+                if w.held
+                else ""
+            )
+        )
 
 
 def parse_time(text: str, setting: str) -> dt.datetime:

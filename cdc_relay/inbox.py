@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS cdc_relay_inbox (
     commit_lsn     pg_lsn      NOT NULL,
     lsn            pg_lsn      NOT NULL,
     committed_at   timestamptz NOT NULL,
+    occurred_at    timestamptz,
     applied_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     outcome        text        NOT NULL
 );
@@ -112,7 +113,8 @@ def process(conn: Conn, event: EnvelopeV1, handler: Handler, policy: str) -> Out
     with conn.transaction():
         taken = conn.execute(
             "INSERT INTO cdc_relay_inbox (id, aggregate_type, aggregate_id, type, commit_lsn, "
-            "lsn, committed_at, outcome) VALUES (%s, %s, %s, %s, %s, %s, %s, 'applied') "
+            "lsn, committed_at, occurred_at, outcome) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'applied') "
             "ON CONFLICT (id) DO NOTHING RETURNING 1",
             (
                 event.id,
@@ -122,6 +124,7 @@ def process(conn: Conn, event: EnvelopeV1, handler: Handler, policy: str) -> Out
                 str(at[0]),
                 str(at[1]),
                 event.committed_at,
+                event.occurred_at,
             ),
         ).fetchone()
         if taken is None:

@@ -14,6 +14,7 @@ CREATE TABLE IF NOT EXISTS cdc_relay_inbox (
     commit_lsn     pg_lsn      NOT NULL,
     lsn            pg_lsn      NOT NULL,
     committed_at   timestamptz NOT NULL,
+    occurred_at    timestamptz,
     applied_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     outcome        text        NOT NULL
 );

@@ -290,3 +290,54 @@ def test_a_stalled_consumer_warns_once_and_exports_the_age(env: Env, inbox_dsn: 
     assert (
         f'cdc_relay_consumer_events_total{{outcome="applied",queue="{env.queue}"}} 5.0' in metrics
     )
+
+
+def test_audit_names_a_lost_message_and_repair_brings_it_back(env: Env, inbox_dsn: str) -> None:
+    """A message removed from the queue: the audit names that id and its window (exit 1);
+    with the default guard a replay of it is held (older than what its aggregate applied);
+    with ordering_policy = apply, --repair heals the consumer and the audit agrees (exit 0)."""
+    env.init()
+    relay = env.start_relay()
+    relay.wait_streaming()
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        for i in range(30):
+            conn.execute(
+                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
+                "VALUES (gen_random_uuid(), 'order', %s, 'OrderPlaced', %s::jsonb)",
+                (f"AUD-{i % 3}", json.dumps({"seq": i // 3})),
+            )
+    env.wait_for(lambda: env.queue_depth() == 30, timeout=30, what="30 events queued")
+    with env.channel() as ch:  # lost: taken off the queue before any consumer saw it
+        method, props, _body = ch.basic_get(env.queue, auto_ack=True)
+    assert method is not None
+    lost = str(props.message_id)
+    consumer = ConsumerProc(env, inbox_dsn, "record")
+    consumer.wait_consuming()
+    env.wait_for(lambda: len(_applied(inbox_dsn)) == 29, timeout=30, what="29 applied")
+    audit_env = env.relay_env(inbox_dsn=inbox_dsn)
+    args = ("audit", "--since", "1h", "--settle", "0s")
+    found = env.cli(*args, env=audit_env)
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert "1 windows differ" in found.stdout and f"missing {lost}" in found.stdout
+    as_json = env.cli(*args, "--json", env=audit_env)
+    assert as_json.returncode == 1
+    (window,) = json.loads(as_json.stdout)["drift"]
+    assert window["missing"] == [lost] and window["unexpected"] == []
+    assert window["source"] == 30 and window["inbox"] == 29
+
+    # the default guard holds the replay: its aggregate already has newer events applied
+    held = env.cli(*args, "--repair", env=audit_env)
+    assert held.returncode == 1, held.stdout + held.stderr
+    assert "repair: replayed 1 of 1 missing events" in held.stdout
+    assert f"skipped or parked by the ordering guard: {lost}" in held.stdout
+    assert consumer.terminate() == 0
+    with psycopg.connect(inbox_dsn, autocommit=True) as conn:  # let the operator's choice apply it
+        conn.execute("DELETE FROM cdc_relay_inbox WHERE id = %s", (lost,))
+    consumer = ConsumerProc(env, inbox_dsn, "record", ordering_policy="apply")
+    consumer.wait_consuming()
+    healed = env.cli(*args, "--repair", env=audit_env, timeout=180)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert "agree" in healed.stdout
+    assert lost in {e for e, _, _ in _applied(inbox_dsn)}
+    assert consumer.terminate() == 0
+    assert relay.terminate() == 0
