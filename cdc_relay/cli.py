@@ -474,20 +474,21 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
     if not args.handler:
         raise ConfigError("handler", "consume needs --handler MODULE:FUNCTION (or --init)")
     from cdc_relay.health import HealthServer
-    from cdc_relay.telemetry import Stats
+    from cdc_relay.telemetry import Stats, Tracing, tracing_requested
 
     handler = consumer.load_handler(args.handler)
     stop = StopSignal()
     stop.install()
     log = logging.getLogger("cdc_relay.consumer")
     stats, metrics = Stats(), consumer.ConsumerMetrics(args.queue)
+    tracing = Tracing(tracing_requested())
     health = None
     if cfg.http_address:
         health = HealthServer(cfg.http_address, stats, metrics, cfg.health_timeout).start()
     delay = cfg.reconnect_min
     try:
         while not stop.requested:
-            worker = consumer.Consumer(cfg, args.queue, handler, stop, stats, metrics)
+            worker = consumer.Consumer(cfg, args.queue, handler, stop, stats, metrics, tracing)
             try:
                 worker.run()
             except RelayError as err:
@@ -502,6 +503,7 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
     finally:
         if health is not None:
             health.stop()
+        tracing.shutdown()
     return EXIT_OK
 
 

@@ -33,7 +33,7 @@ from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, RABBITMQ, ConfigError, ConnectionLost, RelayError
 from cdc_relay.postgres import connect_failure
 from cdc_relay.signals import StopSignal
-from cdc_relay.telemetry import LATENCY_BUCKETS, Stats
+from cdc_relay.telemetry import LATENCY_BUCKETS, Stats, Tracing
 
 log = logging.getLogger("cdc_relay.consumer")
 
@@ -143,6 +143,7 @@ class Consumer:
         stop: StopSignal,
         stats: Stats | None = None,
         metrics: ConsumerMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.cfg = cfg
         self.queue = queue
@@ -152,6 +153,7 @@ class Consumer:
         self.stats = stats or Stats()
         self.metrics = metrics or ConsumerMetrics(queue)
         self.age_alert = AgeAlert(cfg.alert_latency, self.metrics)
+        self.tracing = tracing or Tracing(False)
 
     def run(self) -> None:
         db = open_inbox(self.cfg)
@@ -196,6 +198,21 @@ class Consumer:
             db.close()
 
     def _one(self, db: inbox.Conn, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        if not self.tracing.enabled:
+            self._handle(db, channel, method, props, body)
+            return
+        traceparent = (props.headers or {}).get("traceparent")
+        if isinstance(traceparent, bytes):
+            traceparent = traceparent.decode(errors="replace")
+        span = self.tracing.start_process(
+            self.queue, str(props.message_id), traceparent if isinstance(traceparent, str) else None
+        )
+        try:
+            self._handle(db, channel, method, props, body)
+        finally:
+            span.end()
+
+    def _handle(self, db: inbox.Conn, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:
             event = inbox.decode(body)
             inbox.position(event)

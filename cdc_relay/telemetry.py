@@ -409,6 +409,24 @@ class Tracing:
         self._propagator.inject(carrier, context=trace.set_span_in_context(span))
         return span, carrier.get("traceparent", traceparent or "")
 
+    def start_process(self, queue: str, message_id: str, traceparent: str | None) -> Any:
+        """A CONSUMER span ``process <queue>`` for one message, continuing the trace its
+        ``traceparent`` header carries (the relay's publish span), so the writer, the relay and
+        the consumer show as one trace. The caller ends it."""
+        ctx = self._propagator.extract({"traceparent": traceparent}) if traceparent else None
+        return self._tracer.start_span(
+            f"process {queue}",
+            context=ctx,
+            kind=self._trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": queue,
+                "messaging.message.id": message_id,
+            },
+        )
+
     def shutdown(self) -> None:
         if self._provider is not None:
             self._provider.shutdown()

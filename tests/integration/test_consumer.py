@@ -341,3 +341,59 @@ def test_audit_names_a_lost_message_and_repair_brings_it_back(env: Env, inbox_ds
     assert lost in {e for e, _, _ in _applied(inbox_dsn)}
     assert consumer.terminate() == 0
     assert relay.terminate() == 0
+
+
+def test_writer_relay_and_consumer_show_as_one_trace(env: Env, inbox_dsn: str) -> None:
+    from tests.integration.harness import OtlpReceiver
+
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    otlp = OtlpReceiver()
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    try:
+        env.init()
+        relay = env.start_relay_with_env(otel)
+        relay.wait_streaming()
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, traceparent) "
+                "VALUES (gen_random_uuid(), 'order', 'T', 'OrderPlaced', '{\"seq\": 0}', %s)",
+                (f"00-{trace_id}-{parent}-01",),
+            )
+        proc_env = env.relay_env(inbox_dsn=inbox_dsn)
+        del proc_env["CDC_RELAY_PG_DSN"]
+        traced = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cdc_relay.cli",
+                "consume",
+                "--queue",
+                env.queue,
+                "--handler",
+                "tests.integration.handlers:record",
+            ],
+            env={**proc_env, **otel, "OTEL_SERVICE_NAME": "warehouse"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        env.wait_for(lambda: len(_applied(inbox_dsn)) == 1, timeout=30, what="the event applied")
+        traced.terminate()
+        assert traced.wait(30) == 0
+        assert relay.terminate() == 0
+
+        def spans() -> dict[str, Any]:
+            return {s.name: s for s in otlp.spans if s.trace_id.hex() == trace_id}
+
+        env.wait_for(lambda: len(spans()) >= 2, timeout=20, what="both spans exported")
+        found = spans()
+        publish = found[f"publish {env.exchange}"]
+        process = found[f"process {env.queue}"]
+        assert publish.parent_span_id.hex() == parent
+        assert process.parent_span_id == publish.span_id
+        assert process.kind == 5  # SPAN_KIND_CONSUMER
+    finally:
+        otlp.close()
