@@ -3,7 +3,10 @@
 Starts a sandbox PostgreSQL + RabbitMQ under ``.sandbox/`` unless ``CDC_RELAY_PG_DSN`` and
 ``CDC_RELAY_AMQP_URL`` point at servers of your own, creates the outbox, starts the relay, then
 writes orders the way an application would — business row and outbox row in one transaction —
-and prints each event as a consumer receives it. Ctrl-C stops everything the demo started.
+and prints each event as a consumer receives it. Beside it, a warehouse built with the kit
+(`cdc-relay consume`) applies the reservations to its stock table exactly once; at the end the
+demo runs `cdc-relay audit` to show that what the source committed is what the warehouse took.
+Ctrl-C stops everything the demo started.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tests import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 QUEUE = "demo.warehouse"
+CONSUMER_QUEUE = "demo.stock"  # the kit's inbox consumer reads this one
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY, customer text, total numeric);
@@ -33,7 +37,21 @@ CREATE TABLE IF NOT EXISTS inventory (sku text PRIMARY KEY, on_hand int, reserve
 CREATE TABLE IF NOT EXISTS shipments (id text PRIMARY KEY, order_id text, carrier text);
 INSERT INTO inventory VALUES ('SKU-PALLET-01', 500, 0), ('SKU-CRATE-07', 80, 0)
 ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS warehouse_stock (sku text PRIMARY KEY, reserved int NOT NULL);
 """
+
+
+def apply_event(event: Any, conn: psycopg.Connection[Any]) -> None:
+    """The warehouse's handler (`cdc-relay consume --handler tests.demo:apply_event`): it
+    applies reservations to its own stock table; other events are only recorded in the inbox."""
+    if event.type != "InventoryReserved":
+        return
+    p = json.loads(bytes(event.payload))
+    conn.execute(
+        "INSERT INTO warehouse_stock (sku, reserved) VALUES (%s, %s) ON CONFLICT (sku) "
+        "DO UPDATE SET reserved = warehouse_stock.reserved + excluded.reserved",
+        (p["sku"], p["qty"]),
+    )
 
 
 def _outbox(
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         env.update(sandbox.up(REPO / ".sandbox"))
         started_sandbox = True
     relay: subprocess.Popen[bytes] | None = None
+    consumer: subprocess.Popen[bytes] | None = None
     stop = {"now": False}
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -126,7 +145,28 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=subprocess.STDOUT,
             )
             print(f"relay started (pid {relay.pid}, log {log_path})")
-            print(f"consumer bound queue {QUEUE!r} to exchange {exchange!r} with '#'\n")
+            print(f"consumer bound queue {QUEUE!r} to exchange {exchange!r} with '#'")
+            ch.queue_declare(CONSUMER_QUEUE, durable=True)
+            ch.queue_bind(CONSUMER_QUEUE, exchange, "#")
+            consumer_env = {
+                **env,
+                "CDC_RELAY_INBOX_DSN": env["CDC_RELAY_PG_DSN"],
+                "CDC_RELAY_HTTP_ADDRESS": "127.0.0.1:0",
+            }
+            consumer = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "cdc_relay.cli", "consume", "--log-format", "logfmt"),
+                    *("--queue", CONSUMER_QUEUE, "--handler", "tests.demo:apply_event"),
+                ],
+                env=consumer_env,
+                stdout=(REPO / ".sandbox" / "consumer.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+            print(
+                f"warehouse consumer (cdc-relay consume, pid {consumer.pid}) applies "
+                f"InventoryReserved from {CONSUMER_QUEUE!r} exactly once\n"
+            )
 
             written = 0
             received = 0
@@ -155,9 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             amqp.close()
-        print(f"\n{received} events received for {written} written; stopping.")
-        return 0 if received >= written else 1
+            print(f"\n{received} events received for {written} written.")
+            audited = _finish_warehouse(conn, consumer_env, written)
+        return 0 if received >= written and audited else 1
     finally:
+        if consumer is not None and consumer.poll() is None:
+            consumer.send_signal(signal.SIGTERM)
+            try:
+                consumer.wait(30)
+            except subprocess.TimeoutExpired:
+                consumer.kill()
         if relay is not None and relay.poll() is None:
             relay.send_signal(signal.SIGTERM)
             try:
@@ -167,6 +214,32 @@ def main(argv: list[str] | None = None) -> int:
         if started_sandbox:
             print("stopping the sandbox servers ...", flush=True)
             sandbox.down(REPO / ".sandbox")
+
+
+def _finish_warehouse(conn: psycopg.Connection[Any], env: dict[str, str], written: int) -> bool:
+    """Wait for the warehouse to take every event, show its stock, then audit source vs inbox."""
+    deadline = time.monotonic() + 60
+    taken = 0
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT count(*) FROM cdc_relay_inbox").fetchone()
+        taken = int(row[0]) if row else 0
+        if taken >= written:
+            break
+        time.sleep(0.2)
+    stock = conn.execute("SELECT sku, reserved FROM warehouse_stock ORDER BY sku").fetchall()
+    print(
+        f"warehouse took {taken} events; stock reserved: " + ", ".join(f"{s}={r}" for s, r in stock)
+    )
+    audit = subprocess.run(
+        [sys.executable, "-m", "cdc_relay.cli", "audit", "--since", "1h", "--settle", "0s"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    print("cdc-relay audit:", audit.stdout.strip() or audit.stderr.strip())
+    return audit.returncode == 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,10 @@ def test_demo_shows_events_flowing(env: Env) -> None:
     for kind in ("order.OrderPlaced", "inventory.InventoryReserved", "shipment.ShipmentDispatched"):
         assert kind in out.stdout
     assert "6 events received for 6 written" in out.stdout
+    # the warehouse (the kit's consumer) took all six, applied the two reservations, and the
+    # audit agrees with the source
+    assert "warehouse took 6 events; stock reserved: SKU-CRATE-07=1, SKU-PALLET-01=2" in out.stdout
+    assert "cdc-relay audit: audited" in out.stdout and ": agree" in out.stdout
 
 
 def test_readme_documents_every_setting_and_the_two_commands() -> None:
