@@ -161,6 +161,7 @@ class Consumer:
         try:
             connection = pika.BlockingConnection(params)
         except pika.exceptions.AMQPError as exc:
+            db.close()
             raise ConnectionLost(
                 f"cannot connect to RabbitMQ: {redact(str(exc) or type(exc).__name__)}",
                 side=RABBITMQ,
@@ -236,7 +237,13 @@ class Consumer:
                 if attempt == self.cfg.handler_retries:
                     log.error(
                         "handler failed; message dead-lettered",
-                        extra={"event_id": event.id, "attempts": attempt + 1, "error": repr(exc)},
+                        extra={
+                            "event_id": event.id,
+                            "attempts": attempt + 1,
+                            # the type and the start of the message: the handler's text may
+                            # quote the payload, which logs must not carry whole
+                            "error": f"{type(exc).__name__}: {str(exc)[:120]}",
+                        },
                     )
                     self._dead_letter(channel, method, props, body, f"handler: {exc!r}")
                     return
