@@ -18,7 +18,7 @@ import pika
 import psycopg
 import pytest
 
-from tests.integration.harness import REPO, Env, Flood, dsn_for
+from tests.integration.harness import REPO, Env, Flood, dsn_for, insert_events, outbox_row
 
 pytestmark = pytest.mark.integration
 
@@ -264,13 +264,8 @@ def test_a_stalled_consumer_warns_once_and_exports_the_age(env: Env, inbox_dsn: 
     env.init()
     relay = env.start_relay()
     relay.wait_streaming()
-    with psycopg.connect(env.dsn, autocommit=True) as conn:
-        for i in range(5):
-            conn.execute(
-                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
-                "VALUES (gen_random_uuid(), 'order', 'LATE', 'OrderPlaced', %s::jsonb)",
-                (json.dumps({"seq": i}),),
-            )
+    with env.sql() as conn:
+        insert_events(conn, [outbox_row("LATE", i) for i in range(5)])
     env.wait_for(lambda: env.queue_depth() == 5, timeout=30, what="five events queued")
     time.sleep(2.5)  # the consumer is "stalled": not running
     consumer = ConsumerProc(env, inbox_dsn, "record", alert_latency="1")
@@ -299,13 +294,8 @@ def test_audit_names_a_lost_message_and_repair_brings_it_back(env: Env, inbox_ds
     env.init()
     relay = env.start_relay()
     relay.wait_streaming()
-    with psycopg.connect(env.dsn, autocommit=True) as conn:
-        for i in range(30):
-            conn.execute(
-                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) "
-                "VALUES (gen_random_uuid(), 'order', %s, 'OrderPlaced', %s::jsonb)",
-                (f"AUD-{i % 3}", json.dumps({"seq": i // 3})),
-            )
+    with env.sql() as conn:
+        insert_events(conn, [outbox_row(f"AUD-{i % 3}", i // 3) for i in range(30)])
     env.wait_for(lambda: env.queue_depth() == 30, timeout=30, what="30 events queued")
     with env.channel() as ch:  # lost: taken off the queue before any consumer saw it
         method, props, _body = ch.basic_get(env.queue, auto_ack=True)
