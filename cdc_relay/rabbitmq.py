@@ -306,7 +306,12 @@ class Publisher:
             self._on_failure(tls_failed)
             self._on_closed()
             return
-        if self._params.ssl_options is None and any(m in text for m in _CUT_AT_HELLO):
+        if self._params.ssl_options is not None and "SSLEOFError" in text:
+            text += (
+                " (the broker closed the TLS connection during the handshake: if it refused the "
+                "client certificate, a later attempt receives its alert and says why)"
+            )
+        elif self._params.ssl_options is None and any(m in text for m in _CUT_AT_HELLO):
             text += (
                 f" (the broker at {self.address} closed the connection before speaking AMQP: "
                 "if that port expects TLS, use an amqps:// URL)"

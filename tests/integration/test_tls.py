@@ -218,9 +218,9 @@ def _records(stderr: str) -> list[dict[str, object]]:
     return out
 
 
-def _fails_once(env: dict[str, str], side: str, *reasons: str) -> str:
+def _fails_once(env: dict[str, str], side: str, *reasons: str, retries: int = 0) -> str:
     """`run` must stop at once: exit 1, one error record naming the side and the reason, no
-    retry, no secret; returns the error text."""
+    more than ``retries`` retries, no secret; returns the error text."""
     started = time.monotonic()
     try:
         out = cli(env, "run", timeout=45)
@@ -232,7 +232,8 @@ def _fails_once(env: dict[str, str], side: str, *reasons: str) -> str:
     records = _records(out.stderr)
     errors = [r for r in records if r.get("level") == "error"]
     assert len(errors) == 1, out.stderr[-2000:]
-    assert not [r for r in records if "retrying" in str(r.get("msg"))], out.stderr[-2000:]
+    retried = [r for r in records if "retrying" in str(r.get("msg"))]
+    assert len(retried) <= retries, out.stderr[-2000:]
     text = str(errors[0]["msg"])
     assert side in text, text
     assert any(re.search(reason, text, re.IGNORECASE) for reason in reasons), text
@@ -364,7 +365,11 @@ def test_tls_failures_to_rabbitmq_stop_with_one_clear_line(
         # no certificate: log in with the password instead (the server still demands one)
         url = url.replace("amqps://", f"amqps://{ROLE}:{quote(RABBIT_PASSWORD, safe='')}@")
     env = {**ready, "CDC_RELAY_AMQP_URL": url}
-    text = _fails_once(env, "RabbitMQ", *reasons)
+    # With TLS 1.3 the client's handshake is over before the broker checks the client's
+    # certificate; the broker's alert then races its close, and an attempt may see a bare EOF
+    # (retried, the warning saying so) before one sees the alert and stops. Not a storm.
+    client_side = "certfile" in override
+    text = _fails_once(env, "RabbitMQ", *reasons, retries=3 if client_side else 0)
     assert "TLS" in text
 
 
