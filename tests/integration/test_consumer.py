@@ -41,8 +41,15 @@ def inbox_dsn(env: Env) -> Iterator[str]:
 
 
 class ConsumerProc:
-    def __init__(self, env: Env, dsn: str, handler: str, **settings: str) -> None:
-        proc_env = env.relay_env(inbox_dsn=dsn, **settings)
+    def __init__(
+        self,
+        env: Env,
+        dsn: str,
+        handler: str,
+        extra_env: dict[str, str] | None = None,
+        **settings: str,
+    ) -> None:
+        proc_env = {**env.relay_env(inbox_dsn=dsn, **settings), **(extra_env or {})}
         del proc_env["CDC_RELAY_PG_DSN"]  # `consume` needs no source database
         self.log_path = env.tmp / f"consumer-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
@@ -352,27 +359,11 @@ def test_writer_relay_and_consumer_show_as_one_trace(env: Env, inbox_dsn: str) -
                 "VALUES (gen_random_uuid(), 'order', 'T', 'OrderPlaced', '{\"seq\": 0}', %s)",
                 (f"00-{trace_id}-{parent}-01",),
             )
-        proc_env = env.relay_env(inbox_dsn=inbox_dsn)
-        del proc_env["CDC_RELAY_PG_DSN"]
-        traced = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cdc_relay.cli",
-                "consume",
-                "--queue",
-                env.queue,
-                "--handler",
-                "tests.integration.handlers:record",
-            ],
-            env={**proc_env, **otel, "OTEL_SERVICE_NAME": "warehouse"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=REPO,
+        traced = ConsumerProc(
+            env, inbox_dsn, "record", extra_env={**otel, "OTEL_SERVICE_NAME": "warehouse"}
         )
         env.wait_for(lambda: len(_applied(inbox_dsn)) == 1, timeout=30, what="the event applied")
-        traced.terminate()
-        assert traced.wait(30) == 0
+        assert traced.terminate() == 0
         assert relay.terminate() == 0
 
         def spans() -> dict[str, Any]:
