@@ -80,7 +80,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     message_prefix: str = "outbox"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
     inbox_dsn: str = ""
-    consumer_prefetch: int = 100
+    consumer_prefetch: int = 300
+    consumer_batch: int = 100
     handler_retries: int = 3
     ordering_policy: Literal["skip", "apply", "park"] = "skip"
 
@@ -173,6 +174,8 @@ HELP: dict[str, str] = {
     "inbox_dsn": "`consume`: the consumer's own PostgreSQL, where its inbox and its handler's "
     "writes live (required by `consume`)",
     "consumer_prefetch": "`consume`: unacknowledged messages the broker may send ahead",
+    "consumer_batch": "`consume`: most events applied in one inbox transaction and acknowledged "
+    "together (a batch is what has arrived; the consumer never waits to fill one)",
     "handler_retries": "`consume`: retries of a handler that raised (with backoff) before the "
     "message goes to dead_letter_exchange",
     "ordering_policy": "`consume`: an event older than one applied for its aggregate is "
@@ -280,6 +283,8 @@ def _validate(cfg: Config, required: tuple[str, ...] = REQUIRED) -> None:
         raise ConfigError("amqp_heartbeat", "must be 0 (off) or more")
     if cfg.consumer_prefetch < 1:
         raise ConfigError("consumer_prefetch", "must be at least 1")
+    if cfg.consumer_batch < 1:
+        raise ConfigError("consumer_batch", "must be at least 1")
     if cfg.handler_retries < 0:
         raise ConfigError("handler_retries", "must be 0 or more")
     for key in required:

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from cdc_relay import broker_url, failpoints, inbox
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, RABBITMQ, ConfigError, ConnectionLost, RelayError
+from cdc_relay.messages import EnvelopeV1
 from cdc_relay.postgres import connect_failure
 from cdc_relay.signals import StopSignal
 from cdc_relay.telemetry import LATENCY_BUCKETS, Stats, Tracing
@@ -134,7 +135,26 @@ def open_inbox(cfg: Config) -> inbox.Conn:
     return conn
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    method: Any
+    props: Any
+    body: bytes
+
+    @property
+    def tag(self) -> int:
+        return int(self.method.delivery_tag)
+
+
 class Consumer:
+    """One session: a RabbitMQ channel and an inbox connection, until stopped or broken.
+
+    Deliveries are taken in batches of what has arrived (at most ``consumer_batch``, never
+    waiting for more), applied in one inbox transaction, and acknowledged with one ``multiple``
+    ack after the commit. Batches keep delivery order, so everything before an acknowledged tag
+    is done: committed, or dead-lettered and acknowledged.
+    """
+
     def __init__(
         self,
         cfg: Config,
@@ -154,9 +174,10 @@ class Consumer:
         self.metrics = metrics or ConsumerMetrics(queue)
         self.age_alert = AgeAlert(cfg.alert_latency, self.metrics)
         self.tracing = tracing or Tracing(False)
+        self._spans: dict[int, Any] = {}
 
     def run(self) -> None:
-        db = open_inbox(self.cfg)
+        self._db = db = open_inbox(self.cfg)
         params = broker_url.parameters(self.cfg.amqp_url)
         try:
             connection = pika.BlockingConnection(params)
@@ -170,6 +191,10 @@ class Consumer:
             channel = connection.channel()
             channel.confirm_delivery()
             channel.basic_qos(prefetch_count=self.cfg.consumer_prefetch)
+            arrived: list[Delivery] = []
+            tag = channel.basic_consume(
+                self.queue, lambda _ch, m, p, b: arrived.append(Delivery(m, p, b))
+            )
             log.info(
                 "consuming",
                 extra={"queue": self.queue, "broker": broker_url.describe(params)},
@@ -177,16 +202,18 @@ class Consumer:
             stats = self.stats
             stats.streaming = stats.broker_ready = True
             stats.consecutive_failures = 0
-            for method, props, body in channel.consume(self.queue, inactivity_timeout=0.5):
+            while not self.stop.requested:
+                # wait only when nothing is in hand; otherwise just gather what else arrived
+                connection.process_data_events(time_limit=0 if arrived else 0.5)
                 stats.last_loop_tick = time.time()
-                if self.stop.requested:
-                    break
-                if method is None:
+                if not arrived:
                     stats.last_progress = stats.last_loop_tick  # idle and connected: fine
                     continue
-                self._one(db, channel, method, props, body)
+                batch = arrived[: self.cfg.consumer_batch]
+                del arrived[: len(batch)]
+                self._batch(channel, batch)
                 stats.last_progress = time.time()
-            channel.cancel()
+            channel.basic_cancel(tag)
         except pika.exceptions.AMQPError as exc:
             raise ConnectionLost(
                 f"RabbitMQ connection lost: {redact(str(exc) or type(exc).__name__)}",
@@ -194,70 +221,114 @@ class Consumer:
             ) from None
         finally:
             self.stats.streaming = self.stats.broker_ready = False
+            for span in self._spans.values():
+                span.end()
+            self._spans.clear()
             if connection.is_open:
                 connection.close()
             db.close()
 
-    def _one(self, db: inbox.Conn, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        if not self.tracing.enabled:
-            self._handle(db, channel, method, props, body)
-            return
-        traceparent = (props.headers or {}).get("traceparent")
-        if isinstance(traceparent, bytes):
-            traceparent = traceparent.decode(errors="replace")
-        span = self.tracing.start_process(
-            self.queue, str(props.message_id), traceparent if isinstance(traceparent, str) else None
-        )
-        try:
-            self._handle(db, channel, method, props, body)
-        finally:
-            span.end()
-
-    def _handle(self, db: inbox.Conn, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        try:
-            event = inbox.decode(body)
-            inbox.position(event)
-        except inbox.NotAnEnvelope as exc:
-            self._dead_letter(channel, method, props, body, f"not a v1 envelope: {exc}")
-            return
-        delay = 0.2
-        for attempt in range(self.cfg.handler_retries + 1):
+    def _batch(self, channel: Any, batch: list[Delivery]) -> None:
+        if self.tracing.enabled:
+            for d in batch:
+                traceparent = (d.props.headers or {}).get("traceparent")
+                if isinstance(traceparent, bytes):
+                    traceparent = traceparent.decode(errors="replace")
+                self._spans[d.tag] = self.tracing.start_process(
+                    self.queue,
+                    str(d.props.message_id),
+                    traceparent if isinstance(traceparent, str) else None,
+                )
+        run: list[tuple[Delivery, EnvelopeV1]] = []
+        for d in batch:
             try:
-                outcome = inbox.process(db, event, self.handler, self.cfg.ordering_policy)
-            except psycopg.OperationalError as exc:
-                # the database went away: the session ends, the message is redelivered
-                raise ConnectionLost(
-                    f"the inbox database failed: {redact(str(exc)).strip()}", side=POSTGRES
-                ) from None
-            except Exception as exc:  # noqa: BLE001 - the handler is the user's code
-                if db.closed or db.broken:
-                    raise ConnectionLost(
-                        "the inbox database connection broke", side=POSTGRES
-                    ) from None
-                if attempt == self.cfg.handler_retries:
-                    log.error(
-                        "handler failed; message dead-lettered",
-                        extra={
-                            "event_id": event.id,
-                            "attempts": attempt + 1,
-                            # the type and the start of the message: the handler's text may
-                            # quote the payload, which logs must not carry whole
-                            "error": f"{type(exc).__name__}: {str(exc)[:120]}",
-                        },
-                    )
-                    self._dead_letter(channel, method, props, body, f"handler: {exc!r}")
-                    return
-                time.sleep(delay)
-                delay *= 2
+                event = inbox.decode(d.body)
+                inbox.position(event)
+            except inbox.NotAnEnvelope as exc:
+                self._apply(channel, run)
+                run = []
+                self._dead_letter(channel, d, f"not a v1 envelope: {exc}")
                 continue
+            run.append((d, event))
+        self._apply(channel, run)
+
+    def _apply(self, channel: Any, run: list[tuple[Delivery, EnvelopeV1]]) -> None:
+        """Apply ``run`` in one transaction; a handler failure splits it around the failed
+        event, which is retried alone (so its aggregate's order holds) or dead-lettered."""
+        while run:
+            try:
+                outcomes = self._transaction([e for _, e in run])
+            except inbox.HandlerFailed as failed:
+                before, (d, event) = run[: failed.index], run[failed.index]
+                run = run[failed.index + 1 :]
+                self._apply(channel, before)
+                self._retry(channel, d, event, failed.cause)
+                continue
+            self._done(channel, run, outcomes)
+            return
+
+    def _retry(self, channel: Any, d: Delivery, event: EnvelopeV1, cause: BaseException) -> None:
+        delay = 0.2
+        for _ in range(self.cfg.handler_retries):
+            time.sleep(delay)
+            delay *= 2
+            try:
+                outcomes = self._transaction([event])
+            except inbox.HandlerFailed as failed:
+                cause = failed.cause
+                continue
+            self._done(channel, [(d, event)], outcomes)
+            return
+        log.error(
+            "handler failed; message dead-lettered",
+            extra={
+                "event_id": event.id,
+                "attempts": self.cfg.handler_retries + 1,
+                # the type and the start of the message: the handler's text may quote the
+                # payload, which logs must not carry whole
+                "error": f"{type(cause).__name__}: {str(cause)[:120]}",
+            },
+        )
+        self._dead_letter(channel, d, f"handler: {cause!r}")
+
+    def _transaction(self, events: list[EnvelopeV1]) -> list[inbox.Outcome]:
+        db = self._db
+        try:
+            return inbox.apply(db, events, self.handler, self.cfg.ordering_policy)
+        except inbox.HandlerFailed:
+            if db.closed or db.broken:
+                raise ConnectionLost("the inbox database connection broke", side=POSTGRES) from None
+            raise
+        except psycopg.OperationalError as exc:
+            # the database went away: the session ends, the messages are redelivered
+            raise ConnectionLost(
+                f"the inbox database failed: {redact(str(exc)).strip()}", side=POSTGRES
+            ) from None
+        except psycopg.Error as exc:
+            raise RelayError(
+                f"the inbox's own statement failed: {redact(str(exc)).strip()}", side=POSTGRES
+            ) from None
+
+    def _done(
+        self, channel: Any, run: list[tuple[Delivery, EnvelopeV1]], outcomes: list[inbox.Outcome]
+    ) -> None:
+        if not run:
+            return
+        failpoints.crash("consumer.after_commit")  # fault tests: committed, not acked
+        channel.basic_ack(run[-1][0].tag, multiple=True)
+        now = time.time()
+        for (d, event), outcome in zip(run, outcomes, strict=True):
             self._count(outcome)
             if outcome is inbox.Outcome.APPLIED:
-                age = max(0.0, time.time() - event.committed_at.timestamp())
+                age = max(0.0, now - event.committed_at.timestamp())
                 self.metrics.age.labels(self.queue).observe(age)
                 self.age_alert.observe(age, event.id)
-            failpoints.crash("consumer.after_commit")  # fault tests: committed, not acked
-            channel.basic_ack(method.delivery_tag)
-            return
+            self._end_span(d)
+
+    def _end_span(self, d: Delivery) -> None:
+        span = self._spans.pop(d.tag, None)
+        if span is not None:
+            span.end()
 
     def _count(self, outcome: inbox.Outcome) -> None:
         self.metrics.events.labels(self.queue, outcome.value).inc()
@@ -273,13 +344,15 @@ class Consumer:
         else:
             c.parked += 1
 
-    def _dead_letter(self, channel: Any, method: Any, props: Any, body: bytes, why: str) -> None:
+    def _dead_letter(self, channel: Any, d: Delivery, why: str) -> None:
         self.counts.dead_lettered += 1
         self.metrics.events.labels(self.queue, "dead_lettered").inc()
         exchange = self.cfg.dead_letter_exchange
         if not exchange:
-            channel.basic_reject(method.delivery_tag, requeue=False)
+            channel.basic_reject(d.tag, requeue=False)
+            self._end_span(d)
             return
+        props = d.props
         headers = dict(props.headers or {})
         headers[ERROR_HEADER] = why[:_ERROR_MAX]
         headers["x-original-queue"] = self.queue
@@ -292,7 +365,8 @@ class Consumer:
             headers=headers,
         )
         try:
-            channel.basic_publish(exchange, method.routing_key, body, out, mandatory=False)
+            channel.basic_publish(exchange, d.method.routing_key, d.body, out, mandatory=False)
         except pika.exceptions.AMQPError as exc:
             raise RelayError(f"could not dead-letter a message: {exc}", side=RABBITMQ) from None
-        channel.basic_ack(method.delivery_tag)
+        channel.basic_ack(d.tag)
+        self._end_span(d)

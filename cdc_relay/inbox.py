@@ -1,13 +1,19 @@
 """The inbox: apply each event once, in order per aggregate, in the consumer's own database.
 
-One event is one transaction on the consumer's database: record the id in ``cdc_relay_inbox``
-(a conflict means it was taken before: a redelivery or a replay, acknowledged and skipped
-without the handler), look at the aggregate's last applied position, call the handler with the
-same connection, move the position, commit. The broker acknowledgement comes after the commit,
-so a crash between the two only causes a redelivery, which the inbox row turns into a skip:
-every event is applied exactly once, whatever is killed when.
+A batch of events (what the broker has delivered so far, in delivery order) is one transaction
+on the consumer's database: record every id in ``cdc_relay_inbox`` in one statement (a conflict
+means the id was taken before: a redelivery or a replay, acknowledged and skipped without the
+handler), read the aggregates' last applied positions, call the handler for each event that may
+be applied, with the same connection, move the positions, commit. The broker acknowledgement
+comes after the commit, so a crash between the two only causes a redelivery, which the inbox row
+turns into a skip: every event is applied exactly once, whatever is killed when. The set-based
+statements make the kit's own cost a few round trips per batch rather than per event.
 
-The ordering guard is ``verdict``, pure logic. An event's position is ``(source.commit_lsn,
+A handler that raises rolls the whole batch back (``HandlerFailed`` says which event): the
+caller applies the events before it again, alone, and retries the failed one on its own, so a
+poison event costs one extra pass and never reorders its aggregate.
+
+The ordering guard is ``plan``, pure logic. An event's position is ``(source.commit_lsn,
 source.lsn)``: it rises in commit order, and an event read from the table (``source.snapshot``)
 carries its snapshot's position (all of a backfill's rows share it, and every streamed event
 after it is larger) or ``0/0`` for a replay, which is "older than anything applied": a replayed
@@ -18,7 +24,7 @@ decides (skip and count by default; ``apply``; ``park`` for an operator).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import msgspec
@@ -29,6 +35,8 @@ from cdc_relay.messages import EnvelopeV1
 
 Conn: TypeAlias = "psycopg.Connection[Any]"
 Handler = Callable[[EnvelopeV1, Conn], None]
+Position: TypeAlias = tuple[Lsn, Lsn]
+Aggregate: TypeAlias = tuple[str, str]
 # sql/inbox.sql holds the same statements, with comments (a test keeps them equal)
 INBOX_DDL = """\
 CREATE TABLE IF NOT EXISTS cdc_relay_inbox (
@@ -72,6 +80,15 @@ class NotAnEnvelope(ValueError):
     """The body is not a v1 envelope: nothing to apply, nothing a retry changes."""
 
 
+class HandlerFailed(Exception):
+    """The handler raised for ``events[index]``; the batch's transaction was rolled back."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        self.index = index
+        self.cause = cause
+        super().__init__(f"handler failed on event {index} of the batch: {type(cause).__name__}")
+
+
 def decode(body: bytes) -> EnvelopeV1:
     try:
         return _decoder.decode(body)
@@ -79,7 +96,7 @@ def decode(body: bytes) -> EnvelopeV1:
         raise NotAnEnvelope(str(exc)) from None
 
 
-def position(event: EnvelopeV1) -> tuple[Lsn, Lsn]:
+def position(event: EnvelopeV1) -> Position:
     try:
         return Lsn.parse(event.source.commit_lsn), Lsn.parse(event.source.lsn)
     except Exception:  # noqa: BLE001 - any unreadable position is the same refusal
@@ -88,13 +105,45 @@ def position(event: EnvelopeV1) -> tuple[Lsn, Lsn]:
         ) from None
 
 
-def verdict(event: tuple[Lsn, Lsn], applied: tuple[Lsn, Lsn] | None) -> bool:
+def verdict(event: Position, applied: Position | None) -> bool:
     """Whether an event at ``event`` may be applied after ``applied`` (None: nothing yet).
 
     Equal positions are allowed: the rows of one backfill share their snapshot's position, and
     a streamed event cannot repeat one (the id check catches the same event twice).
     """
     return applied is None or event >= applied
+
+
+def plan(
+    events: Sequence[EnvelopeV1],
+    fresh: set[str],
+    applied: Mapping[Aggregate, Position],
+    policy: str,
+) -> tuple[list[Outcome], dict[Aggregate, Position]]:
+    """What happens to each event of a batch, in order, and the positions it leaves.
+
+    ``fresh`` are the ids this batch recorded first (the others were taken before, or earlier
+    in the same batch); ``applied`` the aggregates' positions before the batch. The positions
+    move as the batch applies, so a later event of the batch is judged against an earlier one.
+    """
+    now = dict(applied)
+    moved: dict[Aggregate, Position] = {}
+    seen: set[str] = set()
+    outcomes = []
+    for event in events:
+        if event.id not in fresh or event.id in seen:
+            outcomes.append(Outcome.DUPLICATE)
+            continue
+        seen.add(event.id)
+        key, at = (event.aggregate_type, event.aggregate_id), position(event)
+        last = now.get(key)
+        if not verdict(at, last) and policy != "apply":
+            outcomes.append(Outcome.PARKED if policy == "park" else Outcome.SKIPPED)
+            continue
+        outcomes.append(Outcome.APPLIED)
+        if last is None or at > last:
+            now[key] = moved[key] = at
+    return outcomes, moved
 
 
 def setup(conn: Conn) -> None:
@@ -104,18 +153,47 @@ def setup(conn: Conn) -> None:
 
 
 def process(conn: Conn, event: EnvelopeV1, handler: Handler, policy: str) -> Outcome:
-    """One event in one transaction on ``conn``; the caller acknowledges after this returns.
+    """One event in its own transaction; the handler's exception propagates."""
+    try:
+        return apply(conn, [event], handler, policy)[0]
+    except HandlerFailed as failed:
+        raise failed.cause from None
 
-    A handler that raises rolls the whole transaction back (the inbox row included), so a
-    retry starts clean.
+
+def apply(conn: Conn, events: Sequence[EnvelopeV1], handler: Handler, policy: str) -> list[Outcome]:
+    """A batch in one transaction on ``conn``; the caller acknowledges after this returns.
+
+    Raises ``HandlerFailed`` (everything rolled back, the inbox rows included, so a retry starts
+    clean) when the handler raises; errors of the inbox's own statements propagate as they are.
     """
-    at = position(event)
     with conn.transaction():
-        taken = conn.execute(
-            "INSERT INTO cdc_relay_inbox (id, aggregate_type, aggregate_id, type, commit_lsn, "
-            "lsn, committed_at, occurred_at, outcome) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'applied') "
-            "ON CONFLICT (id) DO NOTHING RETURNING 1",
+        fresh = _record(conn, events)
+        keys = sorted({(e.aggregate_type, e.aggregate_id) for e in events if e.id in fresh})
+        applied = _positions(conn, keys)
+        outcomes, moved = plan(events, fresh, applied, policy)
+        for i, (event, outcome) in enumerate(zip(events, outcomes, strict=True)):
+            if outcome is Outcome.APPLIED:
+                try:
+                    handler(event, conn)
+                except Exception as exc:  # the handler is the user's code: anything
+                    raise HandlerFailed(i, exc) from exc
+        held = [(e, o) for e, o in zip(events, outcomes, strict=True) if o in _HELD]
+        if held:
+            _hold(conn, held, {**applied, **moved})
+        if moved:
+            _move(conn, moved)
+    return outcomes
+
+
+_HELD = (Outcome.SKIPPED, Outcome.PARKED)
+
+
+def _record(conn: Conn, events: Sequence[EnvelopeV1]) -> set[str]:
+    cols: list[list[Any]] = [[], [], [], [], [], [], [], []]
+    for event in events:
+        at = position(event)
+        for col, value in zip(
+            cols,
             (
                 event.id,
                 event.aggregate_type,
@@ -126,37 +204,74 @@ def process(conn: Conn, event: EnvelopeV1, handler: Handler, policy: str) -> Out
                 event.committed_at,
                 event.occurred_at,
             ),
-        ).fetchone()
-        if taken is None:
-            return Outcome.DUPLICATE
-        row = conn.execute(
-            "SELECT commit_lsn::text, lsn::text FROM cdc_relay_inbox_positions "
-            "WHERE aggregate_type = %s AND aggregate_id = %s FOR UPDATE",
-            (event.aggregate_type, event.aggregate_id),
-        ).fetchone()
-        applied = None if row is None else (Lsn.parse(str(row[0])), Lsn.parse(str(row[1])))
-        if not verdict(at, applied) and policy != "apply":
-            outcome = Outcome.PARKED if policy == "park" else Outcome.SKIPPED
-            conn.execute(
-                "UPDATE cdc_relay_inbox SET outcome = %s WHERE id = %s", (outcome.value, event.id)
-            )
-            if outcome is Outcome.PARKED:
-                conn.execute(
-                    "INSERT INTO cdc_relay_inbox_parked (id, envelope, reason) "
-                    "VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                    (
-                        event.id,
-                        msgspec.json.encode(event).decode(),
-                        f"position {at[0]}/{at[1]} is older than {applied}",
-                    ),
-                )
-            return outcome
-        handler(event, conn)
-        if applied is None or at > applied:
-            conn.execute(
-                "INSERT INTO cdc_relay_inbox_positions AS p (aggregate_type, aggregate_id, "
-                "commit_lsn, lsn) VALUES (%s, %s, %s, %s) ON CONFLICT (aggregate_type, "
-                "aggregate_id) DO UPDATE SET commit_lsn = excluded.commit_lsn, lsn = excluded.lsn",
-                (event.aggregate_type, event.aggregate_id, str(at[0]), str(at[1])),
-            )
-    return Outcome.APPLIED
+            strict=True,
+        ):
+            col.append(value)
+    rows = conn.execute(
+        "INSERT INTO cdc_relay_inbox (id, aggregate_type, aggregate_id, type, commit_lsn, lsn, "
+        "committed_at, occurred_at, outcome) "
+        "SELECT i, at, ai, t, cl::pg_lsn, l::pg_lsn, ca, oa, 'applied' FROM unnest("
+        "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+        "%s::timestamptz[], %s::timestamptz[]) AS u(i, at, ai, t, cl, l, ca, oa) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+        cols,
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def _positions(conn: Conn, keys: list[Aggregate]) -> dict[Aggregate, Position]:
+    """The aggregates' positions, locked in key order (two consumers cannot deadlock on them)."""
+    if not keys:
+        return {}
+    rows = conn.execute(
+        "SELECT p.aggregate_type, p.aggregate_id, p.commit_lsn::text, p.lsn::text "
+        "FROM cdc_relay_inbox_positions p JOIN unnest(%s::text[], %s::text[]) AS k(t, i) "
+        "ON p.aggregate_type = k.t AND p.aggregate_id = k.i "
+        "ORDER BY p.aggregate_type, p.aggregate_id FOR UPDATE OF p",
+        ([k[0] for k in keys], [k[1] for k in keys]),
+    ).fetchall()
+    return {(str(r[0]), str(r[1])): (Lsn.parse(str(r[2])), Lsn.parse(str(r[3]))) for r in rows}
+
+
+def _hold(
+    conn: Conn,
+    held: list[tuple[EnvelopeV1, Outcome]],
+    newest: Mapping[Aggregate, Position],
+) -> None:
+    conn.execute(
+        "UPDATE cdc_relay_inbox AS b SET outcome = u.o FROM unnest(%s::text[], %s::text[]) "
+        "AS u(i, o) WHERE b.id = u.i",
+        ([e.id for e, _ in held], [o.value for _, o in held]),
+    )
+    parked = [e for e, o in held if o is Outcome.PARKED]
+    for event in parked:
+        at = position(event)
+        last = newest.get((event.aggregate_type, event.aggregate_id))
+        conn.execute(
+            "INSERT INTO cdc_relay_inbox_parked (id, envelope, reason) "
+            "VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            (
+                event.id,
+                msgspec.json.encode(event).decode(),
+                f"position {at[0]}/{at[1]} is older than the last applied "
+                + ("one" if last is None else f"{last[0]}/{last[1]}"),
+            ),
+        )
+
+
+def _move(conn: Conn, moved: Mapping[Aggregate, Position]) -> None:
+    """Raise the aggregates' positions; a position never goes down, even under a race."""
+    keys = sorted(moved)
+    conn.execute(
+        "INSERT INTO cdc_relay_inbox_positions AS p (aggregate_type, aggregate_id, commit_lsn, "
+        "lsn) SELECT t, i, c::pg_lsn, l::pg_lsn FROM unnest(%s::text[], %s::text[], %s::text[], "
+        "%s::text[]) AS u(t, i, c, l) ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET "
+        "commit_lsn = excluded.commit_lsn, lsn = excluded.lsn "
+        "WHERE (p.commit_lsn, p.lsn) < (excluded.commit_lsn, excluded.lsn)",
+        (
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [str(moved[k][0]) for k in keys],
+            [str(moved[k][1]) for k in keys],
+        ),
+    )

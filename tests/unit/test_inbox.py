@@ -70,3 +70,57 @@ def test_sql_inbox_holds_the_statements_the_consumer_applies() -> None:
     no_comments = re.sub(r"--[^\n]*", "", text)
     for statement in code:
         assert statement in no_comments, statement.splitlines()[0]
+
+
+def _event(eid: str, agg: str, commit: int, lsn: int) -> inbox.EnvelopeV1:
+    source = {"lsn": str(Lsn(lsn)), "commit_lsn": str(Lsn(commit)), "txid": 1, "slot": "s"}
+    return inbox.decode(_body(id=eid, aggregate_id=agg, source={**source, "database": "d"}))
+
+
+def test_a_batch_is_judged_in_order_against_what_it_applied_itself() -> None:
+    events = [
+        _event("a1", "A", 0x200, 0x100),
+        _event("b1", "B", 0x200, 0x110),
+        _event("a0", "A", 0x100, 0x080),  # an older event of A, after a newer one in the batch
+        _event("a1", "A", 0x200, 0x100),  # the same id twice in one batch
+        _event("c1", "C", 0x050, 0x040),  # older than C's position before the batch
+        _event("gone", "A", 0x300, 0x300),  # taken by an earlier batch
+    ]
+    fresh = {"a1", "b1", "a0", "c1"}
+    before = {("order", "C"): (Lsn(0x60), Lsn(0x60))}
+    outcomes, moved = inbox.plan(events, fresh, before, "skip")
+    out = inbox.Outcome
+    assert outcomes == [
+        out.APPLIED,
+        out.APPLIED,
+        out.SKIPPED,
+        out.DUPLICATE,
+        out.SKIPPED,
+        out.DUPLICATE,
+    ]
+    assert moved == {
+        ("order", "A"): (Lsn(0x200), Lsn(0x100)),
+        ("order", "B"): (Lsn(0x200), Lsn(0x110)),
+    }
+    parked, _ = inbox.plan(events, fresh, before, "park")
+    assert parked[2] is out.PARKED and parked[4] is out.PARKED
+    forced, moved = inbox.plan(events, fresh, before, "apply")
+    assert forced[2] is out.APPLIED and forced[4] is out.APPLIED
+    # applying an older event never moves its aggregate's position back
+    assert moved[("order", "A")] == (Lsn(0x200), Lsn(0x100))
+    assert ("order", "C") not in moved
+
+
+@given(st.lists(st.tuples(st.sampled_from("AB"), st.integers(1, 50)), max_size=30))
+def test_a_batch_plans_as_the_same_events_one_at_a_time(steps: list[tuple[str, int]]) -> None:
+    events = [_event(f"e{i}", agg, at, at) for i, (agg, at) in enumerate(steps)]
+    fresh = {e.id for e in events}
+    whole, moved = inbox.plan(events, fresh, {}, "skip")
+    positions: dict[tuple[str, str], tuple[Lsn, Lsn]] = {}
+    single = []
+    for event in events:
+        outcome, step = inbox.plan([event], {event.id}, positions, "skip")
+        single += outcome
+        positions.update(step)
+    assert whole == single
+    assert positions == moved
