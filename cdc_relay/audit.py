@@ -14,20 +14,31 @@ may still be in flight.
 
 ``--repair`` re-publishes the missing ids through ``replay`` (same message ids; the consumer's
 inbox makes that safe), waits for the consumer to take them, and audits again.
+
+With ``--source ledger`` (the default when ``ledger = true``) the source side is the delivery
+ledger instead (``cdc_relay.ledger``: one row per confirmed transaction, for applications that
+delete outbox rows at once). Both sides are then cut by commit time (``committed_at``, which
+the inbox keeps too), and a window that differs is compared transaction by transaction (the
+inbox keeps each event's ``commit_lsn``): the report names the commit LSNs whose count or hash
+differ. It cannot name ids (the ledger keeps only their hash) nor repair (the rows are gone).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from cdc_relay import catalog
+from cdc_relay import catalog, ledger
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import ConnectionLost, SetupError
+from cdc_relay.lsn import Lsn
 from cdc_relay.postgres import connect_failure
 
 _HASH = "bit_xor(('x' || substr(md5({id}::text), 1, 16))::bit(64)::bigint)"
@@ -41,10 +52,25 @@ class Window:
     missing: tuple[str, ...] = ()  # committed at the source, not applied by the consumer
     unexpected: tuple[str, ...] = ()  # applied by the consumer, not (or no longer) at the source
     held: tuple[str, ...] = ()  # of the missing: taken, but skipped or parked by the guard
+    transactions: tuple[TransactionDrift, ...] = ()  # --source ledger: the ones that differ
 
     @property
     def agrees(self) -> bool:
-        return not self.missing and not self.unexpected and self.source_count == self.inbox_count
+        return (
+            not self.missing
+            and not self.unexpected
+            and not self.transactions
+            and self.source_count == self.inbox_count
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionDrift:
+    """A transaction whose events the ledger and the inbox count or hash differently."""
+
+    commit_lsn: str
+    source_count: int
+    inbox_count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +79,7 @@ class Report:
     until: dt.datetime
     window: dt.timedelta
     windows: tuple[Window, ...] = field(default_factory=tuple)
+    source: str = "outbox"
 
     @property
     def drift(self) -> tuple[Window, ...]:
@@ -76,14 +103,15 @@ def audit(
     until: dt.datetime | None,
     window: dt.timedelta,
     settle: dt.timedelta,
+    source_side: str = "outbox",
 ) -> Report:
     seconds = window.total_seconds()
     if seconds <= 0:
         raise SetupError("--window must be longer than 0 s")
+    if source_side == "ledger":
+        return _ledger_audit(cfg, since, until, window, settle)
     with catalog.connect(cfg) as source, catalog.sql_errors(cfg, "auditing the outbox"):
-        row = source.execute("SELECT now() - %s::interval", (settle,)).fetchone()
-        assert row is not None and isinstance(row[0], dt.datetime)
-        end = min(until, row[0]) if until is not None else row[0]
+        end = _end(source, until, settle)
         source_sums: dict[int, tuple[int, int]] = {}
         for schema, name in cfg.tables:
             created, ident = _columns(source, cfg, schema, name)
@@ -151,6 +179,109 @@ def audit(
     return Report(since, end, window, tuple(windows))
 
 
+def _end(conn: catalog.Conn, until: dt.datetime | None, settle: dt.timedelta) -> dt.datetime:
+    row = conn.execute("SELECT now() - %s::interval", (settle,)).fetchone()
+    assert row is not None and isinstance(row[0], dt.datetime)
+    return min(until, row[0]) if until is not None else row[0]
+
+
+def _inbox_rows(inbox: catalog.Conn, query: sql.Composed, params: dict[str, object]) -> list[Any]:
+    try:
+        return inbox.execute(query, params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        raise SetupError(
+            "inbox_dsn has no cdc_relay_inbox table: point it at the consumer's database"
+        ) from None
+    except psycopg.Error as exc:
+        raise ConnectionLost(f"reading the inbox failed: {exc}") from None
+
+
+def _ledger_audit(
+    cfg: Config,
+    since: dt.datetime,
+    until: dt.datetime | None,
+    window: dt.timedelta,
+    settle: dt.timedelta,
+) -> Report:
+    seconds = window.total_seconds()
+    ledger_table = ledger.table(cfg)
+    with catalog.connect(cfg) as source, catalog.sql_errors(cfg, "auditing the ledger"):
+        end = _end(source, until, settle)
+        params: dict[str, object] = {"w": seconds, "since": since, "end": end, "slot": cfg.slot}
+        try:
+            source_sums = {
+                int(str(win)): (int(str(n)), int(str(h)))
+                for win, n, h in source.execute(
+                    sql.SQL(
+                        "SELECT floor(extract(epoch FROM committed_at) / %(w)s)::bigint, "
+                        "sum(events), bit_xor(ids_hash) FROM {} WHERE slot = %(slot)s AND "
+                        "committed_at >= %(since)s AND committed_at < %(end)s GROUP BY 1"
+                    ).format(ledger_table),
+                    params,
+                )
+            }
+        except psycopg.errors.UndefinedTable:
+            raise SetupError(
+                f"there is no delivery ledger ({cfg.outbox_schema}.{ledger.TABLE}): set "
+                "ledger = true on the relay (or audit the outbox rows with --source outbox)"
+            ) from None
+        with _inbox(cfg) as inbox:
+            inbox_sums = {
+                int(str(win)): (int(str(n)), int(str(h)))
+                for win, n, h in _inbox_rows(
+                    inbox,
+                    sql.SQL(
+                        "SELECT floor(extract(epoch FROM committed_at) / %(w)s)::bigint, "
+                        "count(*), " + _HASH + " FROM cdc_relay_inbox WHERE outcome = 'applied' "
+                        "AND committed_at >= %(since)s AND committed_at < %(end)s GROUP BY 1"
+                    ).format(id=sql.Identifier("id")),
+                    params,
+                )
+            }
+            windows = []
+            for win in sorted(set(source_sums) | set(inbox_sums)):
+                s_n, s_h = source_sums.get(win, (0, 0))
+                i_n, i_h = inbox_sums.get(win, (0, 0))
+                start = dt.datetime.fromtimestamp(win * seconds, dt.UTC)
+                if (s_n, s_h) == (i_n, i_h):
+                    windows.append(Window(start, s_n, i_n))
+                    continue
+                span = {"lo": max(start, since), "hi": min(start + window, end), "slot": cfg.slot}
+                by_source = {
+                    str(c): (int(str(n)), int(str(h)))
+                    for c, n, h in source.execute(
+                        sql.SQL(
+                            "SELECT commit_lsn::text, events, ids_hash FROM {} WHERE slot = "
+                            "%(slot)s AND committed_at >= %(lo)s AND committed_at < %(hi)s"
+                        ).format(ledger_table),
+                        span,
+                    )
+                }
+                by_inbox: dict[str, tuple[int, int]] = {}
+                held: list[str] = []
+                for c, outcome, n, h, ids in _inbox_rows(
+                    inbox,
+                    sql.SQL(
+                        "SELECT commit_lsn::text, outcome, count(*), "
+                        + _HASH
+                        + ", array_agg(id ORDER BY id) FROM cdc_relay_inbox WHERE "
+                        "committed_at >= %(lo)s AND committed_at < %(hi)s GROUP BY 1, 2"
+                    ).format(id=sql.Identifier("id")),
+                    span,
+                ):
+                    if outcome == "applied":
+                        by_inbox[str(c)] = (int(str(n)), int(str(h)))
+                    else:
+                        held += [str(i) for i in ids]
+                drifted = tuple(
+                    TransactionDrift(c, by_source.get(c, (0, 0))[0], by_inbox.get(c, (0, 0))[0])
+                    for c in sorted(set(by_source) | set(by_inbox), key=Lsn.parse)
+                    if by_source.get(c) != by_inbox.get(c)
+                )
+                windows.append(Window(start, s_n, i_n, held=tuple(held), transactions=drifted))
+    return Report(since, end, window, tuple(windows), "ledger")
+
+
 def _columns(
     conn: catalog.Conn, cfg: Config, schema: str, name: str
 ) -> tuple[sql.Identifier, sql.Identifier]:
@@ -192,3 +323,48 @@ def wait_taken(cfg: Config, ids: tuple[str, ...], timeout: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
+
+
+class PeriodicAudit:
+    """``audit_interval`` in ``consume``: the audit of the last ``audit_lookback`` seconds, run
+    in a thread every ``audit_interval`` seconds (never in the consuming loop), each report
+    handed to ``on_report`` and each failure to ``on_error``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        on_report: Callable[[Report], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        self.cfg = cfg
+        self._on_report = on_report
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cdc-relay-audit", daemon=True)
+
+    def start(self) -> PeriodicAudit:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        cfg = self.cfg
+        source = "ledger" if cfg.ledger else "outbox"
+        while not self._stop.wait(cfg.audit_interval):
+            now = dt.datetime.now(dt.UTC)
+            try:
+                report = audit(
+                    cfg,
+                    now - dt.timedelta(seconds=cfg.audit_lookback),
+                    None,
+                    dt.timedelta(seconds=cfg.audit_window),
+                    dt.timedelta(seconds=cfg.audit_settle),
+                    source,
+                )
+            except Exception as exc:  # noqa: BLE001 - an audit failure must not stop consuming
+                self._on_error(exc)
+                continue
+            self._on_report(report)

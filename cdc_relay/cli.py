@@ -305,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", default="10s", metavar="DURATION", help="leave out the newest (10s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--repair", action="store_true", help="re-publish missing ids, audit again")
+    p.add_argument(
+        "--source",
+        choices=("auto", "outbox", "ledger"),
+        default="auto",
+        help="the source side: the retained outbox rows, or the delivery ledger (names "
+        "transactions, not ids; cannot repair); auto: the ledger when ledger = true",
+    )
     p.set_defaults(func=cmd_audit)
     return parser
 
@@ -339,12 +346,25 @@ def cmd_init(cfg: config.Config, args: argparse.Namespace) -> int:
                 f"nothing to backfill: slot {cfg.slot} exists and has no backfill pending "
                 "(to send retained rows again, use `cdc-relay replay`)"
             )
+            _init_ledger(cfg)
             return EXIT_OK
+        _init_ledger(cfg)
         return _backfilled(result, "init --backfill")
     done = catalog.init(cfg, create_outbox=args.create_outbox)
     for line in done or ["nothing to do: outbox, publication and slot exist"]:
         print(line)
+    _init_ledger(cfg)
     return EXIT_OK
+
+
+def _init_ledger(cfg: config.Config) -> None:
+    if not cfg.ledger:
+        return
+    from cdc_relay import ledger
+
+    with catalog.connect(cfg) as conn, catalog.sql_errors(cfg, "creating the delivery ledger"):
+        ledger.setup(conn, cfg)
+    print(f"delivery ledger ready: {cfg.outbox_schema}.{ledger.TABLE}")
 
 
 def _backfilled(result: backfill.Result, again: str) -> int:
@@ -485,6 +505,14 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
     health = None
     if cfg.http_address:
         health = HealthServer(cfg.http_address, stats, metrics, cfg.health_timeout).start()
+    checker = None
+    if cfg.audit_interval:
+        from cdc_relay import audit
+
+        if not cfg.pg_dsn:
+            raise ConfigError("pg_dsn", "audit_interval audits against the source: set pg_dsn")
+        drift = consumer.DriftAlert(metrics)
+        checker = audit.PeriodicAudit(cfg, drift.report, drift.error).start()
     delay = cfg.reconnect_min
     try:
         while not stop.requested:
@@ -501,6 +529,8 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
                 continue
             break
     finally:
+        if checker is not None:
+            checker.stop()
         if health is not None:
             health.stop()
         tracing.shutdown()
@@ -516,14 +546,20 @@ def cmd_audit(cfg: config.Config, args: argparse.Namespace) -> int:
     settle = retention.parse_duration(args.settle, "settle")
     if args.repair and not cfg.amqp_url:
         raise ConfigError("amqp_url", "--repair publishes: set amqp_url")
-    report = audit.audit(cfg, since, until, window, settle)
+    source = args.source if args.source != "auto" else ("ledger" if cfg.ledger else "outbox")
+    report = audit.audit(cfg, since, until, window, settle, source)
+    if args.repair and source == "ledger" and report.drift:
+        print(
+            "repair: the ledger keeps no ids to re-publish; if the outbox still holds the rows, "
+            "run audit --source outbox --repair"
+        )
     if args.repair and report.missing:
         missing = report.missing
         done = replay.replay(cfg, retained.Selection(ids=missing))
         print(f"repair: replayed {done.confirmed} of {len(missing)} missing events")
         if not audit.wait_taken(cfg, missing, timeout=120):
             print("repair: the consumer has not taken them all after 120 s (is it running?)")
-        report = audit.audit(cfg, since, until, window, settle)
+        report = audit.audit(cfg, since, until, window, settle, source)
     _print_audit(report, args.json)
     return EXIT_OK if not report.drift else EXIT_FAILURE
 
@@ -534,6 +570,7 @@ def _print_audit(report: Any, as_json: bool) -> None:
         print(
             json.dumps(
                 {
+                    "source": report.source,
                     "since": report.since.isoformat(),
                     "until": report.until.isoformat(),
                     "window_s": report.window.total_seconds(),
@@ -547,6 +584,14 @@ def _print_audit(report: Any, as_json: bool) -> None:
                             "missing": list(w.missing),
                             "unexpected": list(w.unexpected),
                             "held_by_ordering_guard": list(w.held),
+                            "transactions": [
+                                {
+                                    "commit_lsn": t.commit_lsn,
+                                    "source": t.source_count,
+                                    "inbox": t.inbox_count,
+                                }
+                                for t in w.transactions
+                            ],
                         }
                         for w in drift
                     ],
@@ -557,8 +602,8 @@ def _print_audit(report: Any, as_json: bool) -> None:
     total = sum(w.source_count for w in report.windows)
     print(
         f"audited {len(report.windows)} windows of {report.window.total_seconds():g} s, "
-        f"{total} source events, {report.since.isoformat()} .. {report.until.isoformat()}: "
-        + ("agree" if not drift else f"{len(drift)} windows differ")
+        f"{total} source events ({report.source}), {report.since.isoformat()} .. "
+        f"{report.until.isoformat()}: " + ("agree" if not drift else f"{len(drift)} windows differ")
     )
     for w in drift:
         print(
@@ -571,6 +616,12 @@ def _print_audit(report: Any, as_json: bool) -> None:
                 else ""
             )
         )
+        for t in w.transactions:
+            print(
+                f"    transaction {t.commit_lsn}: source {t.source_count} events, "
+                f"inbox {t.inbox_count} applied"
+                + (" (or other ids)" if t.source_count == t.inbox_count else "")
+            )
 
 
 def parse_time(text: str, setting: str) -> dt.datetime:

@@ -79,11 +79,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logical_messages: bool = True
     message_prefix: str = "outbox"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
+    ledger: bool = False
     inbox_dsn: str = ""
     consumer_prefetch: int = 300
     consumer_batch: int = 100
     handler_retries: int = 3
     ordering_policy: Literal["skip", "apply", "park"] = "skip"
+    audit_interval: float = 0.0
+    audit_lookback: float = 3600.0
+    audit_window: float = 60.0
+    audit_settle: float = 30.0
 
     @property
     def tables(self) -> tuple[tuple[str, str], ...]:
@@ -171,6 +176,9 @@ HELP: dict[str, str] = {
     "message_prefix": "prefix of logical decoding messages that are outbox events",
     "routes": 'per-table exchange/routing_key overrides: [relay.routes."schema.table"] '
     "(environment: a JSON object)",
+    "ledger": "record each confirmed transaction (commit LSN, commit time, event count, a hash "
+    "of its ids) in cdc_relay_ledger in the source database, for `audit` when outbox rows are "
+    "deleted right after they are written",
     "inbox_dsn": "`consume`: the consumer's own PostgreSQL, where its inbox and its handler's "
     "writes live (required by `consume`)",
     "consumer_prefetch": "`consume`: unacknowledged messages the broker may send ahead",
@@ -180,6 +188,12 @@ HELP: dict[str, str] = {
     "message goes to dead_letter_exchange",
     "ordering_policy": "`consume`: an event older than one applied for its aggregate is "
     "skipped (counted), applied anyway, or parked for an operator (skip, apply, park)",
+    "audit_interval": "`consume`: seconds between audits of the inbox against the source "
+    "(pg_dsn: the outbox, or the ledger when ledger = true), with a metric and a warning on "
+    "drift (0: off)",
+    "audit_lookback": "`consume`: seconds of history each periodic audit covers",
+    "audit_window": "`consume`: window of a periodic audit, seconds",
+    "audit_settle": "`consume`: newest seconds a periodic audit leaves out (still in flight)",
 }
 
 REQUIRED = ("pg_dsn", "amqp_url")  # for the relay's commands; `consume` needs CONSUMER_REQUIRED
@@ -248,6 +262,10 @@ def _validate(cfg: Config, required: tuple[str, ...] = REQUIRED) -> None:
         "alert_latency",
         "replication_timeout",
         "publication_check_interval",
+        "audit_interval",
+        "audit_lookback",
+        "audit_window",
+        "audit_settle",
     ):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(key, "must be a finite number of seconds")
@@ -285,6 +303,13 @@ def _validate(cfg: Config, required: tuple[str, ...] = REQUIRED) -> None:
         raise ConfigError("consumer_prefetch", "must be at least 1")
     if cfg.consumer_batch < 1:
         raise ConfigError("consumer_batch", "must be at least 1")
+    if cfg.audit_interval < 0:
+        raise ConfigError("audit_interval", "must be 0 (off) or more")
+    for key in ("audit_lookback", "audit_window"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(key, "must be more than 0 seconds")
+    if cfg.audit_settle < 0:
+        raise ConfigError("audit_settle", "must be 0 or more")
     if cfg.handler_retries < 0:
         raise ConfigError("handler_retries", "must be 0 or more")
     for key in required:

@@ -28,7 +28,7 @@ import pika.exceptions
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cdc_relay import broker_url, failpoints, inbox
+from cdc_relay import audit, broker_url, failpoints, inbox
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, RABBITMQ, ConfigError, ConnectionLost, RelayError
 from cdc_relay.messages import EnvelopeV1
@@ -67,7 +67,29 @@ class ConsumerMetrics:
             ["queue"],
             registry=self.registry,
         )
+        self.audit_drift = Gauge(
+            "cdc_relay_consumer_audit_drift_windows",
+            "Windows that differ between the source and the inbox in the last periodic audit "
+            "(audit_interval)",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.audit_missing = Gauge(
+            "cdc_relay_consumer_audit_missing_events",
+            "Source events minus applied events over the differing windows of the last "
+            "periodic audit",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.audits = Counter(
+            "cdc_relay_consumer_audits",
+            "Periodic audits, by result (agree, drift, error)",
+            ["queue", "result"],
+            registry=self.registry,
+        )
         self.queue = queue
+        for result in ("agree", "drift", "error"):
+            self.audits.labels(queue, result)
         for outcome in ("applied", "duplicate", "skipped", "parked", "dead_lettered"):
             self.events.labels(queue, outcome)
 
@@ -93,6 +115,40 @@ class AgeAlert:
             self.active = False
             self.metrics.alert.labels(self.metrics.queue).set(0)
             log.info("consumer back within threshold", extra={"age_s": round(age, 3)})
+
+
+class DriftAlert:
+    """Exports each periodic audit and warns once per episode of drift."""
+
+    def __init__(self, metrics: ConsumerMetrics) -> None:
+        self.metrics = metrics
+        self.active = False
+
+    def report(self, report: audit.Report) -> None:
+        m, q = self.metrics, self.metrics.queue
+        drift = report.drift
+        missing = sum(max(0, w.source_count - w.inbox_count) for w in drift)
+        m.audit_drift.labels(q).set(len(drift))
+        m.audit_missing.labels(q).set(missing)
+        m.audits.labels(q, "drift" if drift else "agree").inc()
+        if drift and not self.active:
+            self.active = True
+            log.warning(
+                "audit: the inbox differs from the source (run `cdc-relay audit` for the ids)",
+                extra={
+                    "windows": len(drift),
+                    "missing_events": missing,
+                    "first_window": drift[0].start.isoformat(),
+                    "source": report.source,
+                },
+            )
+        elif not drift and self.active:
+            self.active = False
+            log.info("audit: the inbox agrees with the source again")
+
+    def error(self, exc: Exception) -> None:
+        self.metrics.audits.labels(self.metrics.queue, "error").inc()
+        log.warning("periodic audit failed", extra={"error": redact(str(exc)).strip()[:200]})
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from pika.adapters.select_connection import IOLoop, PollEvents
 
-from cdc_relay import backfill, catalog, failpoints
+from cdc_relay import backfill, catalog, failpoints, ledger
 from cdc_relay.config import Config
 from cdc_relay.errors import (
     POSTGRES,
@@ -31,6 +31,7 @@ from cdc_relay.errors import (
     SlotBusy,
 )
 from cdc_relay.health import HealthServer
+from cdc_relay.ledger import LedgerWriter
 from cdc_relay.lsn import Lsn
 from cdc_relay.messages import MessageBuilder
 from cdc_relay.outbox import OutboxColumns, OutboxMapper
@@ -38,6 +39,7 @@ from cdc_relay.pipeline import (
     TICK,
     Acked,
     Committed,
+    Delivered,
     Effect,
     Finish,
     Outcome,
@@ -153,9 +155,11 @@ class Session:
         telemetry: Telemetry | None = None,
         allow_create: bool | None = None,
         own_pids: tuple[int, ...] = (),
+        ledger: LedgerWriter | None = None,
     ) -> None:
         self.cfg = cfg
         self._stop = stop
+        self._ledger = ledger
         self._careful = careful
         self._allow_create = cfg.create_slot if allow_create is None else allow_create
         self._own_pids = own_pids
@@ -294,6 +298,9 @@ class Session:
                 observer.on_progress()
             elif isinstance(effect, Committed):
                 observer.on_committed(effect)
+            elif isinstance(effect, Delivered):
+                if self._ledger is not None:
+                    self._ledger.put(effect)
             elif isinstance(effect, PauseReading):
                 self._set_reading(False)
             elif isinstance(effect, ResumeReading):
@@ -311,10 +318,10 @@ class Session:
             self._drain()
 
     def _send_status(self, effect: SendStatus) -> None:
+        # fault tests: report no flush position at all (the server then keeps the slot)
+        flush = Lsn(0) if failpoints.enabled("status.no_flush") else effect.flush
         self._write_pending = self._stream.send(
-            standby_status_update(
-                effect.write, effect.flush, effect.flush, pg_now_us(), effect.reply_requested
-            )
+            standby_status_update(effect.write, flush, flush, pg_now_us(), effect.reply_requested)
         )
         self._observer.on_status(effect)
         self._update_events()
@@ -538,6 +545,7 @@ class Relay:
         self._own_pids: tuple[int, ...] = ()
         self._backfilled = False
         self.telemetry = Telemetry.create(cfg.slot, cfg.alert_latency, tracing_requested())
+        self._ledger: LedgerWriter | None = None
 
     def backoff(self) -> float:
         """Exponential with jitter; a session that made progress starts it afresh."""
@@ -595,6 +603,10 @@ class Relay:
     def _session(self) -> Outcome:
         if not self._backfill():
             return Outcome(healthy=True, careful=self._careful, error=None)
+        if self.cfg.ledger and self._ledger is None:
+            with catalog.connect(self.cfg) as conn, catalog.sql_errors(self.cfg, "the ledger"):
+                ledger.setup(conn, self.cfg)
+            self._ledger = LedgerWriter(self.cfg, self.telemetry.stats).start()
         session = Session(
             self.cfg,
             self.stop,
@@ -602,6 +614,7 @@ class Relay:
             telemetry=self.telemetry,
             allow_create=self.cfg.create_slot and not self._slot_seen,
             own_pids=self._own_pids,
+            ledger=self._ledger,
         )
         try:
             return session.run()
@@ -629,6 +642,8 @@ class Relay:
         try:
             return self._run()
         finally:
+            if self._ledger is not None:
+                self._ledger.close()
             if health is not None:
                 health.stop()
             self.telemetry.tracing.shutdown()

@@ -2,8 +2,11 @@
 
 A failpoint does nothing unless the environment names it, and then only what its name says
 (``wedge``: sleep inside the event loop for N seconds, once; ``crash``: exit like kill -9 on the
-Nth call). Tests use them to prove that health checks notice a stuck loop and that a consumer
-killed between its commit and its ack applies nothing twice; operators never set them.
+Nth call; ``enabled``: a switch, such as ``status.no_flush``, which keeps the slot where it is
+so that a restart streams everything confirmed again). Tests use them to prove that health
+checks notice a stuck loop, that a consumer killed between its commit and its ack applies
+nothing twice, and that the ledger counts a transaction streamed twice once; operators never
+set them.
 """
 
 from __future__ import annotations
@@ -43,3 +46,13 @@ def crash(name: str) -> None:
     _calls[name] = _calls.get(name, 0) + 1
     if _calls[name] >= nth:
         os._exit(137)
+
+
+def enabled(name: str) -> bool:
+    """Whether the environment names ``name`` (read once per process)."""
+    if name not in _switches:
+        _switches[name] = bool(_configured().get(name))
+    return _switches[name]
+
+
+_switches: dict[str, bool] = {}

@@ -16,6 +16,7 @@ belongs to a message that was handed to the broker, or the session fails.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import logging
 from collections import deque
@@ -132,6 +133,16 @@ class Committed(msgspec.Struct, frozen=True, gc=False):
     events: int
 
 
+class Delivered(msgspec.Struct, frozen=True, gc=False):
+    """Every event of a transaction is confirmed (``ledger = true`` only): what the delivery
+    ledger records. ``ids`` are the message ids in publish order."""
+
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    committed_at: dt.datetime  # exactly the envelopes' committed_at
+    ids: tuple[str, ...]
+
+
 class Acked(msgspec.Struct, frozen=True, gc=False):
     """Acks arrived: ``count`` more events are confirmed; the confirmed point is ``confirmed``."""
 
@@ -166,6 +177,7 @@ Effect = (
     | ScheduleFlush
     | ScheduleStopTimeout
     | Committed
+    | Delivered
     | Acked
     | Progressed
     | Finish
@@ -211,6 +223,10 @@ class Pipeline:
         self._reading = False  # what the driver was last told
         self._tx: TransactionInfo | None = None
         self._tx_events = 0
+        # ledger = true: the message ids of the open transaction, and the transactions read to
+        # their commit whose events are not all confirmed yet (oldest first)
+        self._tx_ids: list[str] | None = [] if cfg.ledger else None
+        self._undelivered: deque[Delivered] = deque()
         self._reported = start
         self._flush_scheduled = False
         # the slot may be moved through idle WAL only up to what a publication check vouched
@@ -461,6 +477,8 @@ class Pipeline:
         self.tracker.begin()
         self._tx = TransactionInfo(xid, final_lsn, commit_time)
         self._tx_events = 0
+        if self._tx_ids is not None:
+            self._tx_ids = []
 
     def _commit(self, end_lsn: Lsn) -> None:
         tracker = self.tracker
@@ -474,6 +492,11 @@ class Pipeline:
         if self._tx_events and tx is not None:
             committed_at = tx.commit_time / 1e6 + PG_EPOCH_UNIX
             self._out.append(Committed(end_lsn, committed_at, self._tx_events))
+            if self._tx_ids is not None:
+                self._undelivered.append(
+                    Delivered(tx.commit_lsn, end_lsn, tx.committed_at, tuple(self._tx_ids))
+                )
+                self._deliver()
         self._tx = None
         if self.phase is Phase.DRAINING:
             self.phase = Phase.SETTLING
@@ -568,6 +591,8 @@ class Pipeline:
         self._bytes += size
         self._sizes.append((tag, size))
         self._out.append(Publish(out, tag, dead_letter))
+        if self._tx_ids is not None:
+            self._tx_ids.append(out.message_id)
         if tracker.in_flight >= self._window or self._bytes >= self._bytes_limit:
             self._full = True
             self._update_reading()
@@ -654,6 +679,8 @@ class Pipeline:
         while sizes and sizes[0][0] <= through:
             self._bytes -= sizes.popleft()[1]
         self._out.append(Acked(done, through, tracker.confirmed))
+        if self._undelivered:
+            self._deliver()
         if (
             self._window < self.cfg.max_in_flight
             and self._confirmed_events >= self.cfg.max_in_flight
@@ -671,6 +698,13 @@ class Pipeline:
         self._update_reading()
         self._progress()
         self._maybe_finish()
+
+    def _deliver(self) -> None:
+        """Hand over the transactions the confirmed point has passed, in commit order; those
+        still pending when the session ends are streamed again by the next one."""
+        confirmed, pending = self.tracker.confirmed, self._undelivered
+        while pending and pending[0].end_lsn <= confirmed:
+            self._out.append(pending.popleft())
 
     # -- checkpoint reporting -------------------------------------------------------------------
     def _progress(self) -> None:

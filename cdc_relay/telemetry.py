@@ -72,6 +72,11 @@ class Stats:
     broker_ready: bool = False
     reconnects: dict[str, int] = field(default_factory=lambda: {"postgres": 0, "rabbitmq": 0})
     alert: bool = False
+    # ledger = true: rows written, failed writes, rows dropped over the backlog limit, waiting
+    ledger_rows: int = 0
+    ledger_failures: int = 0
+    ledger_dropped: int = 0
+    ledger_backlog: int = 0
 
     def lag_seconds(self, now: float | None = None) -> float:
         if self.oldest_unconfirmed_commit is None:
@@ -167,6 +172,21 @@ class _StatsCollector(Collector):
                 "Sessions that ended in a failure without moving the slot (a retry loop)",
                 s.failed_sessions,
             ),
+            (
+                "cdc_relay_ledger_rows",
+                "Confirmed transactions written to the delivery ledger (ledger = true)",
+                s.ledger_rows,
+            ),
+            (
+                "cdc_relay_ledger_failures",
+                "Failed writes of the delivery ledger (its rows are kept and retried)",
+                s.ledger_failures,
+            ),
+            (
+                "cdc_relay_ledger_dropped",
+                "Ledger rows dropped because the ledger could not be written for too long",
+                s.ledger_dropped,
+            ),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self._slot], value)
@@ -208,6 +228,11 @@ class _StatsCollector(Collector):
                 "cdc_relay_streaming",
                 "1 while both sides are connected and streaming",
                 int(s.streaming and s.broker_ready),
+            ),
+            (
+                "cdc_relay_ledger_backlog",
+                "Confirmed transactions waiting to be written to the delivery ledger",
+                s.ledger_backlog,
             ),
             (
                 "cdc_relay_propagation_alert",

@@ -49,8 +49,9 @@ class ConsumerProc:
         extra_env: dict[str, str] | None = None,
         **settings: str,
     ) -> None:
-        proc_env = {**env.relay_env(inbox_dsn=dsn, **settings), **(extra_env or {})}
-        del proc_env["CDC_RELAY_PG_DSN"]  # `consume` needs no source database
+        proc_env = env.relay_env(inbox_dsn=dsn, **settings)
+        del proc_env["CDC_RELAY_PG_DSN"]  # `consume` needs no source database (unless it audits)
+        proc_env.update(extra_env or {})
         self.log_path = env.tmp / f"consumer-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -117,7 +118,7 @@ def test_kill_9_of_consumer_and_relay_during_a_flood_applies_each_event_once(
     relay = env.start_relay()
     relay.wait_streaming()
     rng = random.Random(7)
-    flood = Flood(env, aggregates=20, batch=50, limit=50_000, pause=0.002).start()
+    flood = Flood(env, aggregates=20, batch=50, limit=50_000, pause=0.03).start()
     # the first consumer dies between a commit and its ack (the worst moment): at its 40th
     # commit, a batch of up to consumer_batch events
     consumer = ConsumerProc(env, inbox_dsn, "record", failpoints="consumer.after_commit=40")
@@ -385,3 +386,155 @@ def test_writer_relay_and_consumer_show_as_one_trace(env: Env, inbox_dsn: str) -
         assert process.kind == 5  # SPAN_KIND_CONSUMER
     finally:
         otlp.close()
+
+
+def _deleting_writes(env: Env, transactions: int, size: int, tag: str) -> list[str]:
+    """Transactions that insert their events and delete them at once, as an application that
+    keeps no outbox rows does: only the WAL (and so the ledger) knows they existed."""
+    ids = []
+    with env.sql() as conn:
+        for t in range(transactions):
+            rows = [outbox_row(f"{tag}-{t}", i) for i in range(size)]
+            with conn.transaction():
+                insert_events(conn, rows)
+                conn.execute(
+                    "DELETE FROM outbox WHERE id = ANY(%s::uuid[])", ([r[0] for r in rows],)
+                )
+            ids += [r[0] for r in rows]
+    return ids
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def _metrics(log: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{_port(log)}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_the_ledger_counts_each_confirmed_transaction_once_and_audits_deleted_rows(
+    env: Env, inbox_dsn: str
+) -> None:
+    """ledger = true: one ledger row per transaction, also when the relay streams them all a
+    second time (killed before it told the slot); an audit against the ledger agrees with the
+    consumer although the application deleted its rows, names the transaction a lost message
+    belonged to (exit 1), and the consumer's periodic audit exports and warns about it once."""
+    env.init()
+    ledger_env = {"CDC_RELAY_LEDGER": "true"}
+    # the slot is kept where it is: a restart streams every confirmed transaction again
+    relay = env.start_relay_with_env({**ledger_env, "CDC_RELAY_FAILPOINTS": "status.no_flush"})
+    relay.wait_streaming()
+    with env.sql() as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        before = str(row[0])
+        for t in range(20):
+            insert_events(conn, [outbox_row(f"KEEP-{t}", i) for i in range(5)])
+    deleted = _deleting_writes(env, transactions=10, size=5, tag="GONE")
+    assert len(deleted) == 50
+    consumer = ConsumerProc(env, inbox_dsn, "record")
+    consumer.wait_consuming()
+    env.wait_for(lambda: len(_applied(inbox_dsn)) == 150, timeout=60, what="150 applied")
+
+    def ledger_totals() -> tuple[int, int]:
+        with env.sql() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(events), 0) FROM cdc_relay_ledger WHERE slot = %s",
+                (env.name,),
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    env.wait_for(lambda: ledger_totals() == (30, 150), timeout=30, what="the ledger written")
+    with env.sql() as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn <= %s::pg_lsn FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (before, env.name),
+        ).fetchone()
+    assert row is not None and row[0] is True, "the slot moved: nothing would be streamed again"
+    relay.kill()
+    relay = env.start_relay_with_env(ledger_env)
+    relay.wait_streaming()
+    env.wait_for(
+        lambda: (
+            _metric(_metrics(consumer.log()), 'cdc_relay_consumer_events_total{outcome="duplicate"')
+            >= 150
+        ),
+        timeout=60,
+        what="every event delivered a second time",
+    )
+    env.wait_for(
+        lambda: _metric(_metrics(relay.log()), "cdc_relay_ledger_rows_total") >= 30,
+        timeout=30,
+        what="the second relay's ledger writes",
+    )
+    assert ledger_totals() == (30, 150)  # streamed twice, recorded once
+    with psycopg.connect(inbox_dsn) as conn:
+        hashes = conn.execute(
+            "SELECT commit_lsn::text, count(*), bit_xor(('x' || substr(md5(id), 1, 16))::bit(64)"
+            "::bigint) FROM cdc_relay_inbox GROUP BY 1"
+        ).fetchall()
+    with env.sql() as conn:
+        recorded = conn.execute(
+            "SELECT commit_lsn::text, events, ids_hash FROM cdc_relay_ledger WHERE slot = %s",
+            (env.name,),
+        ).fetchall()
+    assert sorted(hashes) == sorted(recorded)  # the relay's hash is the audit's SQL hash
+
+    audit_env = env.relay_env(inbox_dsn=inbox_dsn, ledger="true")
+    args = ("audit", "--since", "1h", "--settle", "0s")
+    agreed = env.cli(*args, env=audit_env)
+    assert agreed.returncode == 0, agreed.stdout + agreed.stderr
+    assert "150 source events (ledger)" in agreed.stdout and "agree" in agreed.stdout
+    outbox_side = env.cli(*args, "--source", "outbox", env=audit_env)
+    assert outbox_side.returncode == 1  # the deleted rows are only in the ledger
+
+    # a lost message of a transaction whose rows are gone
+    assert consumer.terminate() == 0
+    _deleting_writes(env, transactions=1, size=3, tag="LOST")
+    env.wait_for(lambda: env.queue_depth() == 3, timeout=30, what="three events queued")
+    with env.channel() as ch:
+        method, _props, body = ch.basic_get(env.queue, auto_ack=True)
+    assert method is not None
+    commit_lsn = json.loads(body)["source"]["commit_lsn"]
+    watching = ConsumerProc(
+        env,
+        inbox_dsn,
+        "record",
+        extra_env={"CDC_RELAY_PG_DSN": env.dsn},
+        ledger="true",
+        audit_interval="1",
+        audit_settle="0",
+    )
+    watching.wait_consuming()
+    env.wait_for(lambda: len(_applied(inbox_dsn)) == 152, timeout=30, what="two more applied")
+    found = env.cli(*args, env=audit_env)
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert f"transaction {commit_lsn}: source 3 events, inbox 2 applied" in found.stdout
+    as_json = json.loads(env.cli(*args, "--json", env=audit_env).stdout)
+    assert as_json["source"] == "ledger"
+    (window,) = as_json["drift"]
+    assert window["transactions"] == [{"commit_lsn": commit_lsn, "source": 3, "inbox": 2}]
+    repair = env.cli(*args, "--repair", env=audit_env)
+    assert repair.returncode == 1 and "the ledger keeps no ids" in repair.stdout
+
+    def warned() -> bool:
+        return "audit: the inbox differs from the source" in watching.log()
+
+    env.wait_for(warned, timeout=30, what="the periodic audit's warning")
+    time.sleep(2.5)  # two more audits: still one warning for the episode
+    metrics = _metrics(watching.log())
+    assert watching.terminate() == 0
+    assert relay.terminate() == 0
+    assert watching.log().count("audit: the inbox differs from the source") == 1
+    queue = env.queue
+    assert f'cdc_relay_consumer_audit_drift_windows{{queue="{queue}"}} 1.0' in metrics
+    assert f'cdc_relay_consumer_audit_missing_events{{queue="{queue}"}} 1.0' in metrics
+    assert _metric(metrics, f'cdc_relay_consumer_audits_total{{queue="{queue}",result="drift"') >= 2

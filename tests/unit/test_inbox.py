@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cdc_relay import inbox
 from cdc_relay.lsn import Lsn
+from cdc_relay.messages import EnvelopeV1
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +73,7 @@ def test_sql_inbox_holds_the_statements_the_consumer_applies() -> None:
         assert statement in no_comments, statement.splitlines()[0]
 
 
-def _event(eid: str, agg: str, commit: int, lsn: int) -> inbox.EnvelopeV1:
+def _event(eid: str, agg: str, commit: int, lsn: int) -> EnvelopeV1:
     source = {"lsn": str(Lsn(lsn)), "commit_lsn": str(Lsn(commit)), "txid": 1, "slot": "s"}
     return inbox.decode(_body(id=eid, aggregate_id=agg, source={**source, "database": "d"}))
 

@@ -6,6 +6,8 @@ built with the test encoder, acks, nacks, ticks) and checks the effects it answe
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import struct
 from typing import Any
@@ -32,6 +34,7 @@ from cdc_relay.pipeline import (
     RESUME,
     Acked,
     Committed,
+    Delivered,
     Effect,
     Finish,
     Phase,
@@ -155,7 +158,8 @@ def test_event_is_published_then_confirmed_then_reported() -> None:
     assert isinstance(publish, Publish) and publish.tag == 1
     assert publish.message.message_id == "e-1"
     end, effects = f.commit()
-    assert effects == [Committed(end, effects[0].committed_at, 1)]  # type: ignore[union-attr]
+    assert isinstance(effects[0], Committed)
+    assert effects == [Committed(end, effects[0].committed_at, 1)]
     effects = f.ack(1)
     assert effects[0] == Acked(1, 1, end)
     assert PROGRESSED in effects and ScheduleFlush(f.cfg.flush_delay) in effects
@@ -505,3 +509,44 @@ def test_invalid_row_too_large_to_dead_letter_halts() -> None:
     err = f.finish().error
     assert isinstance(err, BrokerRefused) and "too large to dead-letter" in str(err)
     assert not f.published()
+
+
+def _delivered(effects: list[Effect]) -> list[Delivered]:
+    return [e for e in effects if isinstance(e, Delivered)]
+
+
+def test_the_ledger_gets_each_transaction_once_all_its_events_are_confirmed() -> None:
+    f = Feed(ledger=True)
+    first = f.tx("a", "b")
+    second = f.tx("c")
+    assert _delivered(f.effects) == []  # read to the commit, nothing confirmed yet
+    assert _delivered(f.ack(3)) == []  # the second is confirmed, the first is not: wait
+    done = _delivered(f.ack(2, multiple=True))
+    assert [d.end_lsn for d in done] == [first, second]  # in commit order, together
+    assert [d.ids for d in done] == [("a", "b"), ("c",)]
+    published = [e.message for e in f.effects if isinstance(e, Publish)]
+    # the envelopes' commit_lsn and committed_at, the ones a consumer's inbox keeps
+    for delivered, message in ((done[0], published[0]), (done[1], published[2])):
+        body = json.loads(message.body)
+        assert str(delivered.commit_lsn) == body["source"]["commit_lsn"]
+        assert delivered.committed_at == dt.datetime.fromisoformat(body["committed_at"])
+    third = f.tx("d")
+    assert _delivered(f.ack(4)) == [
+        Delivered(_delivered(f.effects)[-1].commit_lsn, third, done[0].committed_at, ("d",))
+    ]
+
+
+def test_without_the_ledger_no_transaction_is_handed_over() -> None:
+    f = Feed()
+    f.tx("a")
+    f.ack(1)
+    assert _delivered(f.effects) == []
+
+
+def test_a_nack_keeps_the_ledger_from_recording_what_follows() -> None:
+    f = Feed(ledger=True)
+    f.tx("a")
+    f.tx("b")
+    f.take(f.pipeline.nack(1, False))
+    f.ack(2)
+    assert _delivered(f.effects) == []
