@@ -514,9 +514,14 @@ def cmd_consume(cfg: config.Config, args: argparse.Namespace) -> int:
         drift = consumer.DriftAlert(metrics)
         checker = audit.PeriodicAudit(cfg, drift.report, drift.error).start()
     delay = cfg.reconnect_min
+    from cdc_relay.brokers import Brokers
+
+    brokers = Brokers(cfg.amqp_url, cfg.amqp_shuffle)  # the rotation outlives a session
     try:
         while not stop.requested:
-            worker = consumer.Consumer(cfg, args.queue, handler, stop, stats, metrics, tracing)
+            worker = consumer.Consumer(
+                cfg, args.queue, handler, stop, stats, metrics, tracing, brokers
+            )
             try:
                 worker.run()
             except RelayError as err:

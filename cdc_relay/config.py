@@ -39,6 +39,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     pg_dsn: str = ""  # required by every command but `consume` (see REQUIRED)
     amqp_url: str = ""
+    amqp_shuffle: bool = False
     slot: str = "cdc_relay"
     publication: str = "cdc_relay"
     outbox_table: str = "public.outbox"
@@ -70,6 +71,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     column_traceparent: str = "traceparent"
     column_created_at: str = "created_at"
     alternate_exchange: bool = True
+    unroutable_queue_type: Literal["quorum", "classic"] = "quorum"
     dead_letter_exchange: str = ""
     invalid_event_policy: Literal["halt", "dead_letter"] = "halt"
     max_message_size: int = 16 * 1024 * 1024
@@ -118,7 +120,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 HELP: dict[str, str] = {
     "pg_dsn": "PostgreSQL connection string (URL or key=value); the role needs REPLICATION",
-    "amqp_url": "RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F",
+    "amqp_url": "RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2F; several nodes of a cluster "
+    "as comma-separated URLs (or a TOML list): the first that answers is used, the next after "
+    "a connection loss",
+    "amqp_shuffle": "shuffle the nodes of amqp_url once at start (spreads relays and consumers "
+    "over a cluster's nodes)",
     "slot": "logical replication slot the relay owns (pgoutput); ^[a-z0-9_]{1,63}$",
     "publication": "publication covering the outbox table; ^[a-z0-9_]{1,63}$",
     "outbox_table": "outbox table, schema-qualified; several tables separated by commas",
@@ -159,6 +165,9 @@ HELP: dict[str, str] = {
     "column_created_at": "optional outbox column with the event time",
     "alternate_exchange": "declare <exchange>.unroutable (fanout + durable queue) as the "
     "exchange's alternate exchange, so events no binding matches are kept, not dropped",
+    "unroutable_queue_type": "type of the <exchange>.unroutable queue the relay declares: "
+    "quorum (replicated over a cluster's nodes, survives losing one) or classic; an existing "
+    "queue of the other type is used as it is, with a warning",
     "dead_letter_exchange": "existing exchange for events the broker can never accept "
     "(larger than max_message_size, or invalid under invalid_event_policy = dead_letter); "
     "empty: such an event halts the relay",
@@ -237,9 +246,10 @@ def _validate(cfg: Config, required: tuple[str, ...] = REQUIRED) -> None:
                     raise ConfigError(key, f"{name!r} is not a plain SQL identifier")
     _check_template("routing_key", cfg.routing_key)
     _check_exchange("exchange", cfg.exchange)
-    from cdc_relay import broker_url  # it needs redact() from here
+    if cfg.amqp_url:
+        from cdc_relay.brokers import Brokers  # it needs redact() from here
 
-    broker_url.parameters(cfg.amqp_url)  # TLS files and options are checked now, not at 3 a.m.
+        Brokers(cfg.amqp_url)  # every node's URL and TLS files are checked now, not at 3 a.m.
     known = {f"{s}.{t}" for s, t in tables}
     for name, route in cfg.routes.items():
         if name not in known:
@@ -377,6 +387,8 @@ def load(
         if value is not None:
             raw[key] = _routes_from_env(value) if key == "routes" else value
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if isinstance(raw.get("amqp_url"), list):  # the TOML list form of several nodes
+        raw["amqp_url"] = ",".join(str(u) for u in raw["amqp_url"])
     for key in required:
         if key not in raw:
             raise ConfigError(key, f"is required; set {env_name(key)} or {key} in the config file")

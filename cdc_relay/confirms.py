@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 from pika.adapters.select_connection import IOLoop
 
+from cdc_relay.brokers import Brokers
 from cdc_relay.config import Config
 from cdc_relay.errors import RABBITMQ, ConnectionLost, Nacked, RelayError
 from cdc_relay.messages import OutgoingMessage
@@ -84,7 +85,7 @@ class ConfirmedPublisher(Generic[K]):
         self._ioloop = IOLoop()
         routes = [cfg.route(schema, name)[0] for schema, name in cfg.tables]
         self._publisher = Publisher(
-            cfg.amqp_url,
+            Brokers(cfg.amqp_url, cfg.amqp_shuffle),
             [cfg.exchange, *routes],
             cfg.exchange_type,
             cfg.declare_exchange,
@@ -95,6 +96,7 @@ class ConfirmedPublisher(Generic[K]):
             on_failure=self._on_failure,
             on_closed=self._on_closed,
             alternate_exchange=cfg.alternate_exchange,
+            unroutable_queue_type=cfg.unroutable_queue_type,
             dead_letter_exchange=cfg.dead_letter_exchange,
         )
         self._window = max(1, cfg.max_in_flight)

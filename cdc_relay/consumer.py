@@ -29,6 +29,7 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cdc_relay import audit, broker_url, failpoints, inbox
+from cdc_relay.brokers import Brokers
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, RABBITMQ, ConfigError, ConnectionLost, RelayError
 from cdc_relay.messages import EnvelopeV1
@@ -220,8 +221,10 @@ class Consumer:
         stats: Stats | None = None,
         metrics: ConsumerMetrics | None = None,
         tracing: Tracing | None = None,
+        brokers: Brokers | None = None,
     ) -> None:
         self.cfg = cfg
+        self.brokers = brokers or Brokers(cfg.amqp_url, cfg.amqp_shuffle)
         self.queue = queue
         self.handler = handler
         self.stop = stop
@@ -234,15 +237,21 @@ class Consumer:
 
     def run(self) -> None:
         self._db = db = open_inbox(self.cfg)
-        params = broker_url.parameters(self.cfg.amqp_url)
+        brokers = self.brokers
+        order = brokers.order()
         try:
-            connection = pika.BlockingConnection(params)
+            # pika tries the nodes in this order and keeps the first that answers
+            connection = pika.BlockingConnection([brokers.candidates[i] for i in order])
         except pika.exceptions.AMQPError as exc:
             db.close()
+            tried = f" (tried all {len(order)} nodes of amqp_url)" if len(order) > 1 else ""
             raise ConnectionLost(
-                f"cannot connect to RabbitMQ: {redact(str(exc) or type(exc).__name__)}",
+                f"cannot connect to RabbitMQ: {redact(str(exc) or type(exc).__name__)}{tried}",
                 side=RABBITMQ,
             ) from None
+        used = broker_url.describe(connection._impl.params)  # pika names the node only there
+        names = brokers.names
+        brokers.connected(next((i for i in order if names[i] == used), order[0]))
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -251,12 +260,10 @@ class Consumer:
             tag = channel.basic_consume(
                 self.queue, lambda _ch, m, p, b: arrived.append(Delivery(m, p, b))
             )
-            log.info(
-                "consuming",
-                extra={"queue": self.queue, "broker": broker_url.describe(params)},
-            )
+            log.info("consuming", extra={"queue": self.queue, "broker": brokers.in_use})
             stats = self.stats
             stats.streaming = stats.broker_ready = True
+            stats.broker = brokers.in_use
             stats.consecutive_failures = 0
             while not self.stop.requested:
                 # wait only when nothing is in hand; otherwise just gather what else arrived
@@ -271,12 +278,16 @@ class Consumer:
                 stats.last_progress = time.time()
             channel.basic_cancel(tag)
         except pika.exceptions.AMQPError as exc:
+            node = brokers.in_use
+            brokers.lost()  # the next session starts at the following node
             raise ConnectionLost(
                 f"RabbitMQ connection lost: {redact(str(exc) or type(exc).__name__)}",
                 side=RABBITMQ,
+                broker=node,
             ) from None
         finally:
             self.stats.streaming = self.stats.broker_ready = False
+            self.stats.broker = None
             for span in self._spans.values():
                 span.end()
             self._spans.clear()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pika.adapters.select_connection import IOLoop, PollEvents
 
 from cdc_relay import backfill, catalog, failpoints, ledger
+from cdc_relay.brokers import Brokers
 from cdc_relay.config import Config
 from cdc_relay.errors import (
     POSTGRES,
@@ -156,6 +157,7 @@ class Session:
         allow_create: bool | None = None,
         own_pids: tuple[int, ...] = (),
         ledger: LedgerWriter | None = None,
+        brokers: Brokers | None = None,
     ) -> None:
         self.cfg = cfg
         self._stop = stop
@@ -170,7 +172,7 @@ class Session:
         self._stream = ReplicationStream(cfg.pg_dsn, cfg.slot)
         self._routes = {f"{s}.{t}": cfg.route(s, t) for s, t in cfg.tables}
         self._publisher = Publisher(
-            cfg.amqp_url,
+            brokers or Brokers(cfg.amqp_url, cfg.amqp_shuffle),
             [cfg.exchange, *(exchange for exchange, _ in self._routes.values())],
             cfg.exchange_type,
             cfg.declare_exchange,
@@ -181,6 +183,7 @@ class Session:
             on_failure=self._guard(self._on_failure),
             on_closed=self._on_broker_closed,
             alternate_exchange=cfg.alternate_exchange,
+            unroutable_queue_type=cfg.unroutable_queue_type,
             dead_letter_exchange=cfg.dead_letter_exchange,
         )
         self._watch = PublicationWatch(cfg, self._post, lambda: self._stats.confirmed_commit)
@@ -363,6 +366,7 @@ class Session:
         if self._closed or self.pipeline is None:
             return
         self._stats.broker_ready = True
+        self._stats.broker = self._publisher.address
         self._apply(self.pipeline.broker_ready(self._publisher.frame_max))
         self._stream.start_async(
             self.cfg.publication,
@@ -546,6 +550,8 @@ class Relay:
         self._backfilled = False
         self.telemetry = Telemetry.create(cfg.slot, cfg.alert_latency, tracing_requested())
         self._ledger: LedgerWriter | None = None
+        # the nodes of amqp_url: successive sessions rotate over them
+        self._brokers = Brokers(cfg.amqp_url, cfg.amqp_shuffle)
 
     def backoff(self) -> float:
         """Exponential with jitter; a session that made progress starts it afresh."""
@@ -615,6 +621,7 @@ class Relay:
             allow_create=self.cfg.create_slot and not self._slot_seen,
             own_pids=self._own_pids,
             ledger=self._ledger,
+            brokers=self._brokers,
         )
         try:
             return session.run()

@@ -93,7 +93,7 @@ class HealthServer:
     def ready(self) -> tuple[bool, dict[str, object]]:
         s = self._stats
         ok = s.streaming and s.broker_ready
-        return ok, {"streaming": s.streaming, "broker_ready": s.broker_ready}
+        return ok, {"streaming": s.streaming, "broker_ready": s.broker_ready, "broker": s.broker}
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         path = req.path.split("?", 1)[0]

@@ -28,8 +28,9 @@ from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from cdc_relay import broker_url, tls
+from cdc_relay import tls
 from cdc_relay.amqp import publish_frames
+from cdc_relay.brokers import Brokers
 from cdc_relay.config import redact
 from cdc_relay.errors import (
     RABBITMQ,
@@ -184,7 +185,7 @@ class Publisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Brokers,
         exchanges: Sequence[str],
         exchange_type: str,
         declare: bool,
@@ -196,12 +197,17 @@ class Publisher:
         on_closed: Callable[[], None],
         alternate_exchange: bool = True,
         dead_letter_exchange: str = "",
+        unroutable_queue_type: str = "quorum",
     ) -> None:
-        self._params = broker_url.parameters(url)
-        self.address = broker_url.describe(self._params)  # for logs: never a password
-        self._params.heartbeat = heartbeat
-        self._params.blocked_connection_timeout = None
-        self._params.client_properties = {"connection_name": "cdc-relay"}
+        self._brokers = Brokers(url) if isinstance(url, str) else url
+        for params in self._brokers.candidates:
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = None
+            params.client_properties = {"connection_name": "cdc-relay"}
+        self._order: list[int] = self._brokers.order()
+        self._attempt = 0  # position in _order of the node being tried
+        self._params = self._brokers.candidates[self._order[0]]
+        self.address = self._brokers.names[self._order[0]]  # for logs: never a password
         self._exchanges = tuple(dict.fromkeys(exchanges))
         self._exchange_type = exchange_type
         self._declare = declare
@@ -209,6 +215,11 @@ class Publisher:
         self._dead_letter = dead_letter_exchange
         # exchanges found to exist without our alternate exchange: used as they are
         self._without_alternate: set[str] = set()
+        self._queue_type = unroutable_queue_type
+        # unroutable queues found to exist with another type: used as they are (passive);
+        # found unavailable (a classic queue whose node is down): left alone this session
+        self._queue_as_is: set[str] = set()
+        self._queue_unavailable: set[str] = set()
         self._inspector: Channel | None = None
         self._inspector_report: Callable[[str, int], None] | None = None
         self._step: tuple[str, dict[str, Any]] | None = None  # the declaration under way
@@ -225,6 +236,15 @@ class Publisher:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def connect(self) -> None:
+        """Try the nodes of ``amqp_url`` in turn, from where the rotation stands."""
+        self._order = self._brokers.order()
+        self._attempt = 0
+        self._open()
+
+    def _open(self) -> None:
+        index = self._order[self._attempt]
+        self._params = self._brokers.candidates[index]
+        self.address = self._brokers.names[index]
         self._connection = _CoalescingConnection(
             parameters=self._params,
             on_open_callback=self._on_connection_open,
@@ -294,6 +314,7 @@ class Publisher:
 
     # -- pika callbacks -----------------------------------------------------------------------
     def _on_connection_open(self, connection: Any) -> None:
+        self._brokers.connected(self._order[self._attempt])
         log.info("connected to RabbitMQ", extra={"broker": self.address})
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
@@ -325,14 +346,27 @@ class Publisher:
             self._on_failure(
                 AuthenticationFailed(f"RabbitMQ refused the credentials: {text}", side=RABBITMQ)
             )
+        elif self._attempt + 1 < len(self._order) and not self._closing:
+            log.warning(
+                "cannot connect to a RabbitMQ node; trying the next",
+                extra={"broker": self.address, "error": text},
+            )
+            self._attempt += 1
+            self._open()
+            return
         else:
-            self._on_failure(ConnectionLost(f"cannot connect to RabbitMQ: {text}", side=RABBITMQ))
+            tried = len(self._order)
+            where = f" (tried all {tried} nodes of amqp_url)" if tried > 1 else ""
+            self._on_failure(
+                ConnectionLost(f"cannot connect to RabbitMQ: {text}{where}", side=RABBITMQ)
+            )
         self._on_closed()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self.ready = False
         self._channel = None
         if not self._closing:
+            self._brokers.lost()  # the next connection starts at the following node
             self._on_failure(connection_failure(reason))
         self._on_closed()
 
@@ -360,19 +394,28 @@ class Publisher:
             }
             if self._alternate:
                 ae = self.unroutable_name(ex)
-                steps += [
+                steps.append(
                     (
                         "exchange_declare",
                         {"exchange": ae, "exchange_type": "fanout", "durable": True},
-                    ),
-                    ("queue_declare", {"queue": ae, "durable": True}),
-                    ("queue_bind", {"queue": ae, "exchange": ae}),
-                ]
+                    )
+                )
+                if ae in self._queue_as_is:
+                    steps.append(("queue_declare", {"queue": ae, "passive": True}))
+                elif ae not in self._queue_unavailable:
+                    queue = {"queue": ae, "durable": True}
+                    steps.append(("queue_declare", {**queue, "arguments": self._queue_arguments}))
+                if ae not in self._queue_unavailable:
+                    steps.append(("queue_bind", {"queue": ae, "exchange": ae}))
                 declare["arguments"] = {"alternate-exchange": ae}
             steps.append(("exchange_declare", declare))
         if self._dead_letter:
             steps.append(("exchange_declare", {"exchange": self._dead_letter, "passive": True}))
         self._run_steps(steps)
+
+    @property
+    def _queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": self._queue_type}
 
     def _run_steps(self, steps: list[tuple[str, dict[str, Any]]]) -> None:
         if not steps:
@@ -460,6 +503,8 @@ class Publisher:
         text = str(reason.reply_text)
         if not was_ready and code == 406 and self._use_without_alternate(text):
             return
+        if not was_ready and self._use_unroutable_queue_as_is(code, text):
+            return
         self._on_failure(self._refusal(code, text, was_ready))
 
     def _use_without_alternate(self, text: str) -> bool:
@@ -480,6 +525,38 @@ class Publisher:
             return False
         channel = self._connection.channel(on_open_callback=self._on_channel_open)
         self._channel = channel
+        return True
+
+    def _use_unroutable_queue_as_is(self, code: int, text: str) -> bool:
+        """Our unroutable queue exists with another type (406, an upgrade from a classic one)
+        or is unavailable (404: a classic queue whose node is down, which no other node may
+        declare): go on without redeclaring it, and say what that means."""
+        step = self._step
+        if step is None or step[0] not in ("queue_declare", "queue_bind"):
+            return False
+        queue = str(step[1].get("queue", ""))
+        if not queue.endswith(".unroutable"):
+            return False
+        if code == 406 and "x-queue-type" in text and queue not in self._queue_as_is:
+            self._queue_as_is.add(queue)
+            log.warning(
+                "the unroutable queue exists with another queue type; used as it is (a classic "
+                "queue is not replicated: move its messages and delete it to get the "
+                "configured type)",
+                extra={"queue": queue, "wanted": self._queue_type},
+            )
+        elif code == 404 and queue not in self._queue_unavailable:
+            self._queue_unavailable.add(queue)
+            log.warning(
+                "the unroutable queue is unavailable (its node is down?); events no binding "
+                "matches are retried until it is back, the others flow",
+                extra={"queue": queue, "reply": text[:200]},
+            )
+        else:
+            return False
+        if self._connection is None or not self._connection.is_open:
+            return False
+        self._channel = self._connection.channel(on_open_callback=self._on_channel_open)
         return True
 
     def _refusal(self, code: int, text: str, was_ready: bool) -> RelayError:

@@ -70,6 +70,7 @@ class Stats:
     last_loop_tick: float = field(default_factory=time.time)
     streaming: bool = False
     broker_ready: bool = False
+    broker: str | None = None  # the RabbitMQ node in use (never a password), for /readyz
     reconnects: dict[str, int] = field(default_factory=lambda: {"postgres": 0, "rabbitmq": 0})
     alert: bool = False
     # ledger = true: rows written, failed writes, rows dropped over the backlog limit, waiting
@@ -614,6 +615,7 @@ class SessionObserver:
         stats = self._stats
         stats.streaming = False
         stats.broker_ready = False
+        stats.broker = None
         stats.in_flight = 0
         stats.in_flight_bytes = 0
         self._pending_commits.clear()

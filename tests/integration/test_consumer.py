@@ -283,8 +283,23 @@ def test_a_stalled_consumer_warns_once_and_exports_the_age(env: Env, inbox_dsn: 
         insert_events(conn, [outbox_row("LATE", i) for i in range(5)])
     env.wait_for(lambda: env.queue_depth() == 5, timeout=30, what="five events queued")
     time.sleep(2.5)  # the consumer is "stalled": not running
-    consumer = ConsumerProc(env, inbox_dsn, "record", alert_latency="1")
+    import socket
+
+    with socket.socket() as s:  # amqp_url's first node answers nothing: the second is used
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    consumer = ConsumerProc(
+        env,
+        inbox_dsn,
+        "record",
+        alert_latency="1",
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{dead}/%2F,{env.rabbit.amqp_url}",
+    )
     consumer.wait_consuming()
+    consuming = next(
+        json.loads(line) for line in consumer.log().splitlines() if '"msg": "consuming"' in line
+    )
+    assert consuming["broker"] == f"amqp://127.0.0.1:{env.rabbit.port}//"
     env.wait_for(lambda: len(_applied(inbox_dsn)) == 5, timeout=30, what="the late events")
     port = _port(consumer.log())
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:

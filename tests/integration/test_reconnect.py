@@ -127,3 +127,84 @@ def test_walsender_terminated_at_start_replication_is_retried(env: Env) -> None:
     assert set(ids) <= {d.message_id for d in got}
     assert relay.proc.poll() is None, relay.log()
     assert relay.terminate() == 0
+
+
+def test_a_node_of_amqp_url_that_does_not_answer_is_skipped_and_named(env: Env) -> None:
+    """amqp_url lists a node that refuses connections before the real one: the relay warns
+    about that node (no password), streams through the next, and /readyz names the node in
+    use."""
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    real = env.rabbit.amqp_url
+    env.init()
+    relay = env.start_relay(amqp_url=f"amqp://guest:s3cret@127.0.0.1:{dead}/%2F, {real}")
+    relay.wait_streaming()
+    ids = _write(env, "N", 4, 25)
+    got = env.consume(len(ids), timeout=60, settle=0.5)
+    assert {d.message_id for d in got} == set(ids)
+    log = relay.log()
+    skipped = [
+        json.loads(line)
+        for line in log.splitlines()
+        if '"cannot connect to a RabbitMQ node; trying the next"' in line
+    ]
+    assert skipped and skipped[0]["broker"] == f"amqp://127.0.0.1:{dead}//", log
+    assert "s3cret" not in log
+    port = next(
+        json.loads(line)["port"] for line in log.splitlines() if "http endpoints listening" in line
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+        ready = json.loads(resp.read())
+    assert ready["broker"] == f"amqp://127.0.0.1:{env.rabbit.port}//"
+    assert relay.terminate() == 0
+
+
+def test_the_unroutable_queue_is_quorum_and_an_existing_classic_one_is_used_as_it_is(
+    env: Env,
+) -> None:
+    """A fresh `<exchange>.unroutable` is declared as a quorum queue (replicated on a cluster);
+    one left classic by an earlier version is used as it is, with a warning, and still keeps
+    the events no binding matches."""
+    import json
+
+    unroutable = f"{env.exchange}.unroutable"
+    other = f"{env.exchange}x"
+    with env.channel() as ch:
+        ch.queue_declare(unroutable, durable=True)  # classic, as before quorum was the default
+    env.init()
+    with env.channel() as ch:  # only "order.*" is bound: a "stray" event matches nothing
+        ch.queue_unbind(env.queue, env.exchange, "#")
+        ch.queue_bind(env.queue, env.exchange, "order.#")
+    relay = env.start_relay()
+    relay.wait_streaming()
+    assert "the unroutable queue exists with another queue type" in relay.log()
+    routed = outbox_row("K", 0)
+    stray = ("00000000-0000-4000-8000-0000000000aa", "stray", "S", "Lost", json.dumps({"n": 1}))
+    with env.sql() as conn:
+        insert_events(conn, [routed, stray])
+    got = env.consume(1, timeout=30, settle=0.5)
+    assert [d.message_id for d in got] == [routed[0]]
+    env.wait_for(
+        lambda: (
+            int(
+                env.rabbit.ctl("list_queues", "-q", "--no-table-headers", "name", "messages")
+                .split(unroutable, 1)[1]
+                .split()[0]
+            )
+            == 1
+        ),
+        timeout=30,
+        what="the stray event kept in the classic unroutable queue",
+    )
+    assert relay.terminate() == 0
+    fresh = env.start_relay(exchange=other)
+    fresh.wait_streaming()
+    assert fresh.terminate() == 0
+    types = env.rabbit.ctl("list_queues", "-q", "--no-table-headers", "name", "type")
+    kinds = dict(line.split() for line in types.splitlines() if line.strip())
+    assert kinds[unroutable] == "classic" and kinds[f"{other}.unroutable"] == "quorum"
