@@ -97,6 +97,11 @@ def _inbox(cfg: Config) -> psycopg.Connection[tuple[object, ...]]:
         raise connect_failure(redact(str(exc)).strip(), replication=False) from None
 
 
+Sums = dict[int, tuple[int, int]]  # window number -> (events, XOR hash of their ids)
+# a window that differs, read in detail: (start, lo, hi, source count, inbox count) -> Window
+DrillDown = Callable[[dt.datetime, dt.datetime, dt.datetime, int, int], Window]
+
+
 def audit(
     cfg: Config,
     since: dt.datetime,
@@ -112,7 +117,8 @@ def audit(
         return _ledger_audit(cfg, since, until, window, settle)
     with catalog.connect(cfg) as source, catalog.sql_errors(cfg, "auditing the outbox"):
         end = _end(source, until, settle)
-        source_sums: dict[int, tuple[int, int]] = {}
+        params: dict[str, object] = {"w": seconds, "since": since, "end": end}
+        source_sums: Sums = {}
         for schema, name in cfg.tables:
             created, ident = _columns(source, cfg, schema, name)
             for win, count, digest in source.execute(
@@ -121,62 +127,81 @@ def audit(
                     + _HASH
                     + " FROM {t} WHERE {c} >= %(since)s AND {c} < %(end)s GROUP BY 1"
                 ).format(c=created, t=sql.Identifier(schema, name), id=ident),
-                {"w": seconds, "since": since, "end": end},
+                params,
             ):
                 n, h = source_sums.get(int(str(win)), (0, 0))
                 source_sums[int(str(win))] = (n + int(str(count)), h ^ int(str(digest)))
         with _inbox(cfg) as inbox:
-            try:
-                inbox_sums = {
-                    int(str(win)): (int(str(count)), int(str(digest)))
-                    for win, count, digest in inbox.execute(
-                        sql.SQL(
-                            "SELECT floor(extract(epoch FROM occurred_at) / %(w)s)::bigint, "
-                            "count(*), "
-                            + _HASH
-                            + " FROM cdc_relay_inbox WHERE outcome = 'applied' "
-                            "AND occurred_at >= %(since)s AND occurred_at < %(end)s GROUP BY 1"
-                        ).format(id=sql.Identifier("id")),
-                        {"w": seconds, "since": since, "end": end},
-                    )
-                }
-            except psycopg.errors.UndefinedTable:
-                raise SetupError(
-                    "inbox_dsn has no cdc_relay_inbox table: point it at the consumer's database"
-                ) from None
-            except psycopg.Error as exc:
-                raise ConnectionLost(f"reading the inbox failed: {exc}") from None
-            windows = []
-            for win in sorted(set(source_sums) | set(inbox_sums)):
-                s_n, s_h = source_sums.get(win, (0, 0))
-                i_n, i_h = inbox_sums.get(win, (0, 0))
-                start = dt.datetime.fromtimestamp(win * seconds, dt.UTC)
-                if (s_n, s_h) == (i_n, i_h):
-                    windows.append(Window(start, s_n, i_n))
-                    continue
-                lo, hi = max(start, since), min(start + window, end)
+
+            def drill(
+                start: dt.datetime, lo: dt.datetime, hi: dt.datetime, s_n: int, i_n: int
+            ) -> Window:
                 at_source = _source_ids(source, cfg, lo, hi)
                 taken = {
                     str(r[0]): str(r[1])
-                    for r in inbox.execute(
-                        "SELECT id, outcome FROM cdc_relay_inbox "
-                        "WHERE occurred_at >= %s AND occurred_at < %s",
-                        (lo, hi),
+                    for r in _inbox_rows(
+                        inbox,
+                        sql.SQL(
+                            "SELECT id, outcome FROM cdc_relay_inbox "
+                            "WHERE occurred_at >= %(lo)s AND occurred_at < %(hi)s"
+                        ).format(),
+                        {"lo": lo, "hi": hi},
                     )
                 }
                 at_inbox = {i for i, outcome in taken.items() if outcome == "applied"}
                 missing = tuple(sorted(at_source - at_inbox))
-                windows.append(
-                    Window(
-                        start,
-                        s_n,
-                        i_n,
-                        missing,
-                        tuple(sorted(at_inbox - at_source)),
-                        tuple(i for i in missing if i in taken),
-                    )
+                return Window(
+                    start,
+                    s_n,
+                    i_n,
+                    missing,
+                    tuple(sorted(at_inbox - at_source)),
+                    tuple(i for i in missing if i in taken),
                 )
-    return Report(since, end, window, tuple(windows))
+
+            windows = _compare(
+                source_sums, _inbox_sums(inbox, "occurred_at", params), since, end, window, drill
+            )
+    return Report(since, end, window, windows)
+
+
+def _inbox_sums(inbox: catalog.Conn, column: str, params: dict[str, object]) -> Sums:
+    """Applied events per window of ``column``, with the same hash as the source side."""
+    return {
+        int(str(win)): (int(str(n)), int(str(h)))
+        for win, n, h in _inbox_rows(
+            inbox,
+            sql.SQL(
+                "SELECT floor(extract(epoch FROM {c}) / %(w)s)::bigint, count(*), "
+                + _HASH
+                + " FROM cdc_relay_inbox WHERE outcome = 'applied' "
+                "AND {c} >= %(since)s AND {c} < %(end)s GROUP BY 1"
+            ).format(c=sql.Identifier(column), id=sql.Identifier("id")),
+            params,
+        )
+    }
+
+
+def _compare(
+    source: Sums,
+    inbox: Sums,
+    since: dt.datetime,
+    end: dt.datetime,
+    window: dt.timedelta,
+    drill: DrillDown,
+) -> tuple[Window, ...]:
+    """Every window either side has, in order; only those that differ are read in detail."""
+    seconds = window.total_seconds()
+    windows = []
+    for win in sorted(set(source) | set(inbox)):
+        s_n, s_h = source.get(win, (0, 0))
+        i_n, i_h = inbox.get(win, (0, 0))
+        start = dt.datetime.fromtimestamp(win * seconds, dt.UTC)
+        if (s_n, s_h) == (i_n, i_h):
+            windows.append(Window(start, s_n, i_n))
+        else:
+            windows.append(drill(start, max(start, since), min(start + window, end), s_n, i_n))
+    return tuple(windows)
 
 
 def _end(conn: catalog.Conn, until: dt.datetime | None, settle: dt.timedelta) -> dt.datetime:
@@ -226,27 +251,11 @@ def _ledger_audit(
                 "ledger = true on the relay (or audit the outbox rows with --source outbox)"
             ) from None
         with _inbox(cfg) as inbox:
-            inbox_sums = {
-                int(str(win)): (int(str(n)), int(str(h)))
-                for win, n, h in _inbox_rows(
-                    inbox,
-                    sql.SQL(
-                        "SELECT floor(extract(epoch FROM committed_at) / %(w)s)::bigint, "
-                        "count(*), " + _HASH + " FROM cdc_relay_inbox WHERE outcome = 'applied' "
-                        "AND committed_at >= %(since)s AND committed_at < %(end)s GROUP BY 1"
-                    ).format(id=sql.Identifier("id")),
-                    params,
-                )
-            }
-            windows = []
-            for win in sorted(set(source_sums) | set(inbox_sums)):
-                s_n, s_h = source_sums.get(win, (0, 0))
-                i_n, i_h = inbox_sums.get(win, (0, 0))
-                start = dt.datetime.fromtimestamp(win * seconds, dt.UTC)
-                if (s_n, s_h) == (i_n, i_h):
-                    windows.append(Window(start, s_n, i_n))
-                    continue
-                span = {"lo": max(start, since), "hi": min(start + window, end), "slot": cfg.slot}
+
+            def drill(
+                start: dt.datetime, lo: dt.datetime, hi: dt.datetime, s_n: int, i_n: int
+            ) -> Window:
+                span = {"lo": lo, "hi": hi, "slot": cfg.slot}
                 by_source = {
                     str(c): (int(str(n)), int(str(h)))
                     for c, n, h in source.execute(
@@ -278,8 +287,12 @@ def _ledger_audit(
                     for c in sorted(set(by_source) | set(by_inbox), key=Lsn.parse)
                     if by_source.get(c) != by_inbox.get(c)
                 )
-                windows.append(Window(start, s_n, i_n, held=tuple(held), transactions=drifted))
-    return Report(since, end, window, tuple(windows), "ledger")
+                return Window(start, s_n, i_n, held=tuple(held), transactions=drifted)
+
+            windows = _compare(
+                source_sums, _inbox_sums(inbox, "committed_at", params), since, end, window, drill
+            )
+    return Report(since, end, window, windows, "ledger")
 
 
 def _columns(

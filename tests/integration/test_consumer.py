@@ -530,6 +530,7 @@ def test_the_ledger_counts_each_confirmed_transaction_once_and_audits_deleted_ro
     )
     watching.wait_consuming()
     env.wait_for(lambda: len(_applied(inbox_dsn)) == 152, timeout=30, what="two more applied")
+    env.wait_for(lambda: ledger_totals() == (31, 153), timeout=30, what="its ledger row")
     found = env.cli(*args, env=audit_env)
     assert found.returncode == 1, found.stdout + found.stderr
     assert f"transaction {commit_lsn}: source 3 events, inbox 2 applied" in found.stdout
