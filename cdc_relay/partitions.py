@@ -181,7 +181,7 @@ class Member:
     """One table of ``outbox_table`` as the catalog places it in a partition tree."""
 
     table: str  # "schema.name"
-    ancestors: tuple[str, ...] = ()  # parent first, root last; () for a table no partition
+    ancestors: tuple[str, ...] = ()  # parent first, root last; () if not a partition
     descendants: tuple[str, ...] = ()  # its partitions (and theirs), for a partitioned table
 
     @property
@@ -217,12 +217,12 @@ def publication_problem(
     (``publish_via_partition_root``) or covers every partition; a sibling partition there is
     one whose rows this relay would read and drop.
     """
-    partitions = {m.table: m for m in members if m.ancestors}
-    if not partitions:
+    own = [m for m in members if m.ancestors]
+    if not own:
         return None
     listed = {m.table for m in members}
-    ancestors = {a: m.table for m in partitions.values() for a in m.ancestors}
-    roots = {m.root for m in partitions.values()}
+    ancestors = {a: m.table for m in own for a in m.ancestors}
+    roots = {m.root for m in own}
     fix = f"ALTER PUBLICATION {quote_ident(publication)} SET TABLE " + ", ".join(
         _sql_name(t) for t in sorted(listed)
     )

@@ -7,18 +7,31 @@ split from dropping or doubling events."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.faults.checks import verify
-from tests.integration.harness import Delivery, Env, Flood, insert_events, outbox_row
+from tests.integration.harness import (
+    REPO,
+    Delivery,
+    Env,
+    Flood,
+    dsn_for,
+    insert_events,
+    outbox_row,
+)
 
 pytestmark = pytest.mark.integration
 
 COUNT = 4
+_RECORD = ("--handler", "tests.integration.handlers:record")
 MEMBERS = (("outbox_p0", "outbox_p2"), ("outbox_p1", "outbox_p3"))
 
 
@@ -92,6 +105,38 @@ def _collect(
         ch.cancel()
 
 
+@contextmanager
+def _inbox_consumer(env: Env, queue: str) -> Iterator[str]:
+    """``cdc-relay consume`` of ``queue`` into an inbox database of its own; yields its DSN."""
+    name = f"{env.dbname}_inbox"[:63]
+    with psycopg.connect(env.pg.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    dsn = dsn_for(env.pg, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
+            "aggregate_id text NOT NULL, seq int)"
+        )
+    proc_env = env.relay_env(inbox_dsn=dsn, http_address="")
+    del proc_env["CDC_RELAY_PG_DSN"]
+    with (env.tmp / "consumer.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc_relay.cli", "consume", "--queue", queue, *_RECORD],
+            env=proc_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            yield dsn
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            with psycopg.connect(env.pg.url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
 def _setup_split(env: Env) -> None:
     """The table once (outbox_table = the root), then each member's publication and slot."""
     out = _ok(env, "init", "--create-outbox", "--partitions", str(COUNT))
@@ -112,6 +157,35 @@ def _setup_split(env: Env) -> None:
 
 def test_two_relays_split_the_partitions_and_a_killed_one_holds_only_its_own(env: Env) -> None:
     _setup_split(env)
+    everything = f"{env.queue}.all"  # an inbox consumer taking every event, for the audit
+    with env.channel() as ch:
+        ch.queue_declare(everything, durable=True)
+        ch.queue_bind(everything, env.exchange, "#")
+    with _inbox_consumer(env, everything) as inbox:
+        _split_flood_and_kill(env)
+        # the audit reads the whole outbox (outbox_table = the root) against that consumer
+        audit = ("audit", "--since", "1h", "--settle", "0s")
+        env.wait_for(lambda: _inbox_count(inbox) >= _outbox_count(env), what="the inbox")
+        whole = env.cli(*audit, env=env.relay_env(inbox_dsn=inbox))
+        assert whole.returncode == 0 and ": agree" in whole.stdout, whole.stdout + whole.stderr
+        # a member's config holds part of the events: the rest is reported as unexpected
+        part = env.cli(*audit, env=env.relay_env(inbox_dsn=inbox, **_member(env, 0)))
+        assert part.returncode == 1, part.stdout + part.stderr
+
+
+def _outbox_count(env: Env) -> int:
+    with env.sql() as conn:
+        row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _inbox_count(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM cdc_relay_inbox").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _split_flood_and_kill(env: Env) -> None:
     relays = [env.start_relay(**_member(env, i)) for i in range(2)]
     for relay in relays:
         relay.wait_streaming()
