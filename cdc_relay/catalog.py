@@ -26,6 +26,7 @@ from typing import TypeAlias
 import psycopg
 from psycopg import sql
 
+from cdc_relay import partitions
 from cdc_relay.config import Config, redact
 from cdc_relay.errors import POSTGRES, ConnectionLost, SetupError, SlotBusy
 from cdc_relay.lsn import Lsn
@@ -226,6 +227,9 @@ def check_outbox_table(conn: Conn, cfg: Config) -> None:
         table = _display(schema, name)
         kind = _relkind(conn, schema, name)
         if kind is None:
+            wrong = partitions.missing_partition(conn, schema, name)
+            if wrong is not None:
+                raise SetupError(wrong)
             raise SetupError(
                 f"outbox table {table} does not exist: run `cdc-relay init --create-outbox` or "
                 "create it from sql/outbox.sql (or set outbox_table to the table you use; names "
@@ -248,6 +252,7 @@ def check_outbox_table(conn: Conn, cfg: Config) -> None:
                 f"outbox table {table} has no column {described}: add the column, or set the "
                 "column_* setting to the name of the column that holds it"
             )
+    partitions.check_members(conn, cfg.publication, cfg.tables)
 
 
 def outbox_ddl(table: str = "public.outbox", columns: Mapping[str, str] | None = None) -> str:
@@ -275,6 +280,63 @@ def _outbox_ddl_sql(schema: str, name: str, columns: Mapping[str, str]) -> sql.C
     ]
     return sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} (\n{}\n)").format(
         sql.Identifier(schema), sql.Identifier(name), sql.SQL(",\n").join(lines)
+    )
+
+
+def partitioned_outbox_ddl(
+    table: str = "public.outbox", columns: Mapping[str, str] | None = None, count: int = 4
+) -> str:
+    """``outbox_ddl`` partitioned by hash of the aggregate id into ``count`` partitions, as SQL
+    text (sql/outbox_partitioned.sql holds the default); what ``init --partitions`` creates.
+
+    A partitioned table's primary key must hold the partition key, so it is (id, aggregate id).
+    """
+    schema, _, name = table.rpartition(".")
+    schema = schema or "public"
+    columns = columns or {}
+
+    def shown(key: str, default: str) -> str:
+        column = columns.get(key, default)
+        return default if column == default else quote_ident(column)
+
+    lines = [
+        f"    {shown(key, default):<13} {spec.replace('PRIMARY KEY', 'NOT NULL')}"
+        for key, default, spec in OUTBOX_COLUMNS
+    ]
+    lines.append(f"    PRIMARY KEY ({shown('id', 'id')}, {shown('aggregate_id', 'aggregateid')})")
+    body = ",\n".join(lines)
+    root = _sql_table(schema, name)
+    out = [
+        f"CREATE TABLE IF NOT EXISTS {root} (\n{body}\n) "
+        f"PARTITION BY HASH ({shown('aggregate_id', 'aggregateid')});"
+    ]
+    for k in range(count):
+        child = _sql_table(schema, partitions.partition_name(name, k))
+        out.append(
+            f"CREATE TABLE IF NOT EXISTS {child} PARTITION OF {root}\n"
+            f"    FOR VALUES WITH (MODULUS {count}, REMAINDER {k});"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _partitioned_ddl_sql(schema: str, name: str, columns: Mapping[str, str]) -> sql.Composed:
+    """The root statement of ``partitioned_outbox_ddl``, composed for execution."""
+    lines = [
+        sql.SQL("    {} ").format(sql.Identifier(columns.get(key, default)))
+        + sql.SQL(spec.replace("PRIMARY KEY", "NOT NULL"))
+        for key, default, spec in OUTBOX_COLUMNS
+    ]
+    lines.append(
+        sql.SQL("    PRIMARY KEY ({}, {})").format(
+            sql.Identifier(columns.get("id", "id")),
+            sql.Identifier(columns.get("aggregate_id", "aggregateid")),
+        )
+    )
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} (\n{}\n) PARTITION BY HASH ({})").format(
+        sql.Identifier(schema),
+        sql.Identifier(name),
+        sql.SQL(",\n").join(lines),
+        sql.Identifier(columns.get("aggregate_id", "aggregateid")),
     )
 
 
@@ -325,6 +387,7 @@ def check_publication(conn: Conn, cfg: Config) -> None:
             f"ALTER PUBLICATION {quote_ident(pub)} SET (publish = 'insert, truncate')",
             publication=pub,
         )
+    partitions.check_publication(conn, pub, cfg.tables)
     for schema, name in cfg.tables:
         table, sql_table = _display(schema, name), _sql_table(schema, name)
         if _relkind(conn, schema, name) == "p" and not viaroot:
@@ -747,6 +810,32 @@ def slot_exists(conn: Conn, slot: str) -> bool:
     return _slot_exists(conn, slot)
 
 
+def check_slot_publication(conn: Conn, cfg: Config) -> None:
+    """The slot is not another publication's: relays side by side need one slot each.
+
+    A slot streams through whichever publication its relay names. Two relays sharing a slot
+    with different publications (a copied config) would look like a relay and its standby,
+    and the one that takes over would move the slot past every event of the other's
+    publication. The slot markers say which publication a slot was created with.
+    """
+    rows = conn.execute(
+        "SELECT pubname::text, obj_description(oid, 'pg_publication') FROM pg_publication "
+        "WHERE obj_description(oid, 'pg_publication') ~ '(^|\\n)cdc-relay: slot '"
+    ).fetchall()
+    owners = sorted(str(pub) for pub, comment in rows if cfg.slot in parse_markers(str(comment)))
+    if owners and cfg.publication not in owners:
+        raise SetupError(
+            f"slot {cfg.slot} belongs to publication {', '.join(owners)} (its comment records "
+            f"the slot), not to {cfg.publication}: another relay streams that slot through its "
+            "own publication, and whichever of the two held the slot would skip the other's "
+            "events. Give this relay its own slot (relays side by side need one each; a "
+            "standby shares slot and publication), or DROP PUBLICATION the other if nothing "
+            "uses it",
+            slot=cfg.slot,
+            publication=cfg.publication,
+        )
+
+
 def check_not_vanished(conn: Conn, cfg: Config) -> None:
     _check_not_vanished(conn, cfg)
 
@@ -806,12 +895,16 @@ def init(
         if slot_exists:
             with contextlib.suppress(SlotBusy):  # a running relay is fine for init
                 check_slot(conn, cfg)
+            check_slot_publication(conn, cfg)
         elif not deliberate:
             _check_not_vanished(conn, cfg)
         pub_exists = _publication_kind(conn, cfg) is not None
         if create_outbox:
             for schema, name in cfg.tables:
                 if _relkind(conn, schema, name) is None:
+                    wrong = partitions.missing_partition(conn, schema, name)
+                    if wrong is not None:
+                        raise SetupError(wrong)
                     conn.execute(_outbox_ddl_sql(schema, name, _create_columns(cfg)))
                     done.append(f"created table {_display(schema, name)}")
         check_outbox_table(conn, cfg)
@@ -837,7 +930,49 @@ def init(
         if slot or slot_exists:
             with contextlib.suppress(SlotBusy):
                 check_slot(conn, cfg)
+        waiting = partitions.uncovered(conn, cfg.tables)
+        if waiting:
+            done.append(
+                f"partitions no publication covers yet, so no relay streams them: "
+                f"{', '.join(waiting)} (run `cdc-relay init` with the configs of the relays "
+                "that list them before writers insert: rows committed before a relay's slot "
+                "exists reach it only through `init --backfill`)"
+            )
     return done
+
+
+def create_partitioned(cfg: Config, count: int) -> list[str]:
+    """``init --partitions``: the outbox partitioned by hash of the aggregate id (idempotent)."""
+    names = _create_columns(cfg)
+    with connect(cfg) as conn, sql_errors(cfg, "creating the partitioned outbox"):
+        check_server(conn)
+        check_encoding(conn)
+        return partitions.create(
+            conn,
+            cfg.tables,
+            count,
+            names["aggregate_id"],
+            lambda schema, name: _partitioned_ddl_sql(schema, name, names),
+        )
+
+
+def _warn_about_partitions(conn: Conn, cfg: Config) -> None:
+    """What a relay side by side with others should hear at every start."""
+    if not any(m.ancestors for m in partitions.members(conn, cfg.tables)):
+        return
+    waiting = partitions.uncovered(conn, cfg.tables)
+    if waiting:
+        log.warning(
+            "partitions of the outbox that no publication covers: no relay streams them",
+            extra={"slot": cfg.slot, "partitions": ", ".join(waiting)},
+        )
+    if cfg.logical_messages:
+        log.warning(
+            "logical_messages is on in a relay that streams some partitions: every slot of "
+            "the database decodes every pg_logical_emit_message, so each relay side by side "
+            "publishes it; set logical_messages = false on all of them but one (or all)",
+            extra={"slot": cfg.slot},
+        )
 
 
 def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = ()) -> Lsn:
@@ -857,7 +992,9 @@ def prepare(cfg: Config, allow_create: bool = True, own_pids: Collection[int] = 
         check_outbox_table(conn, cfg)
         check_publication(conn, cfg)
         start = check_slot(conn, cfg, own_pids)
+        check_slot_publication(conn, cfg)
         _warn_if_superuser(conn, cfg)
+        _warn_about_partitions(conn, cfg)
         if cfg.create_slot and cfg.slot not in parse_markers(
             _publication_comment(conn, cfg.publication)
         ):

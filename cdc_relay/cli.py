@@ -16,7 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdc_relay import __version__, backfill, catalog, config, logs, replay, retained, retention
+from cdc_relay import (
+    __version__,
+    backfill,
+    catalog,
+    config,
+    logs,
+    partitions,
+    replay,
+    retained,
+    retention,
+)
 from cdc_relay.errors import ConfigError, RelayError
 from cdc_relay.signals import StopSignal
 
@@ -50,6 +60,11 @@ BACKFILL_EXAMPLES = """\
 examples:
   cdc-relay init --backfill          # new slot; publish the rows already in the outbox first
   cdc-relay init --backfill          # again after a crash or SIGTERM: continues where it was
+  cdc-relay init --create-outbox --partitions 4   # outbox_table = public.outbox: the table
+                                     # partitioned by hash of the aggregate id into outbox_p0..p3,
+                                     # and how to split the partitions over relays
+  cdc-relay init --create-outbox --partitions 4   # with one relay's config listing some of
+                                     # them: the same table if missing, then its publication, slot
 
 """
 
@@ -160,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
         "outbox row committed before it, ordered by created_at then id, marked "
         "source.snapshot = true; then `run` streams what follows. Interrupted, it continues "
         "on the next `init --backfill` or `run`",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="create the outbox partitioned by hash of the aggregate id into N partitions "
+        "<table>_p0 .. <table>_p{N-1} (idempotent; an existing table of another shape is "
+        "refused). With outbox_table naming the root, only the table is created and a split "
+        "over relays is printed; with a relay's config listing some partitions, its "
+        "publication and slot follow",
+    )
+    p.add_argument(
+        "--relays",
+        type=int,
+        metavar="M",
+        help="with --partitions: print the split of the partitions over M relays (default 2)",
     )
     p.set_defaults(func=cmd_init)
 
@@ -335,6 +366,10 @@ def cmd_run(cfg: config.Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_init(cfg: config.Config, args: argparse.Namespace) -> int:
+    if args.relays is not None and args.partitions is None:
+        raise ConfigError("relays", "--relays only goes with --partitions")
+    if args.partitions is not None and _init_partitions(cfg, args.partitions, args.relays):
+        return EXIT_OK
     if args.backfill:
         stop = StopSignal()
         stop.install()
@@ -355,6 +390,28 @@ def cmd_init(cfg: config.Config, args: argparse.Namespace) -> int:
         print(line)
     _init_ledger(cfg)
     return EXIT_OK
+
+
+def _init_partitions(cfg: config.Config, count: int, relays: int | None) -> bool:
+    """Create the partitioned outbox; True when that is all ``init`` does (outbox_table names
+    only roots: a relay over the root is one ``init`` without --partitions away, members each
+    run their own)."""
+    relays = min(2, count) if relays is None else relays
+    partitions.check_count(count, relays)
+    made = catalog.create_partitioned(cfg, count)
+    for line in made or [f"nothing to create: the outbox has its {count} partitions"]:
+        print(line)
+    if any(partitions.parse_partition(name) for _, name in cfg.tables):
+        return False  # a member's config: its publication and slot next
+    for schema, root in partitions.roots(cfg.tables, count):
+        for line in partitions.plan(schema, root, count, relays):
+            print(line)
+    print(
+        "no publication or slot created: outbox_table names the root. Run `cdc-relay init` "
+        "with each relay's config, or once more with this one without --partitions for a "
+        "single relay over every partition"
+    )
+    return True
 
 
 def _init_ledger(cfg: config.Config) -> None:

@@ -44,7 +44,10 @@ def pg(servers_root: Path) -> Iterator[PostgresSandbox]:
 
 @pytest.fixture(scope="session")
 def rabbit(servers_root: Path) -> Iterator[RabbitSandbox]:
-    server = RabbitSandbox(servers_root / "rabbitmq").start()
+    # the consistent-hash exchange ships with the broker; enabled at boot, it costs little
+    server = RabbitSandbox(
+        servers_root / "rabbitmq", plugins=["rabbitmq_consistent_hash_exchange"]
+    ).start()
     try:
         yield server
     finally:

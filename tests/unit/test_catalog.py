@@ -479,6 +479,8 @@ def _fake_prepare(monkeypatch: pytest.MonkeyPatch, created: list[str]) -> list[t
     for name in ("check_outbox_table", "check_publication"):
         monkeypatch.setattr(catalog, name, lambda conn, cfg: None)
     monkeypatch.setattr(catalog, "check_slot", lambda conn, cfg, own: Lsn(own[0]))
+    monkeypatch.setattr(catalog, "_warn_about_partitions", lambda conn, cfg: None)
+    monkeypatch.setattr(catalog, "check_slot_publication", lambda conn, cfg: None)
     monkeypatch.setattr(catalog, "_publication_comment", lambda conn, pub: MARKER.line())
     return calls
 
