@@ -208,6 +208,18 @@ def sessions(relay: Relay) -> int:
     return count(relay, STREAMING)
 
 
+def retried_lost_node(relay: Relay, node: ClusterNode) -> int:
+    """How often the relay tried ``node`` again after losing it: the rotation should start
+    the next connection at the following node, so never while the others answer."""
+    name = f"amqp://127.0.0.1:{node.port}//"
+    return sum(
+        1
+        for r in records(relay.log())
+        if r.get("msg") == "cannot connect to a RabbitMQ node; trying the next"
+        and r.get("broker") == name
+    )
+
+
 def why(relay: Relay) -> str:
     """Why each session of the relay ended, in order (the start of each retry's error)."""
     errors = [
@@ -329,6 +341,7 @@ def test_kill_9_of_the_relays_node(cenv: ClusterEnv) -> None:
         node_back_after=f"{back:.1f}s",
     )
     assert verdict.lost == 0
+    assert retried_lost_node(relay, node) == 0, tail(relay.log())
     assert sorted(env.take(unroutable, len(strays))) == sorted(s[0] for s in strays)
 
 
@@ -449,6 +462,7 @@ def test_restart_of_the_relays_node(cenv: ClusterEnv) -> None:
     )
     assert verdict.lost == 0
     assert moved_to is not node
+    assert retried_lost_node(relay, node) == 0, tail(relay.log())
     assert count(relay, RETRYING, "CONNECTION_FORCED") >= 1
 
 
@@ -494,6 +508,7 @@ def test_partition_of_the_relays_node_pauses_it(cenv: ClusterEnv) -> None:
     )
     assert verdict.lost == 0
     assert moved_to is not node
+    assert retried_lost_node(relay, node) == 0, tail(relay.log())
     assert node.node not in majority and len(majority) == 2, majority
 
 
