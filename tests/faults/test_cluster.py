@@ -430,7 +430,8 @@ def test_stop_app_of_a_follower_then_start_app(cenv: ClusterEnv) -> None:
 
 def test_restart_of_the_relays_node(cenv: ClusterEnv) -> None:
     """A graceful restart (``rabbitmqctl stop``, then start) of the node the relay is on: the
-    broker closes the relay's connection with CONNECTION_FORCED and the relay moves on."""
+    broker closes the relay's connection (CONNECTION_FORCED, or a reset when the node is gone
+    before the relay read the close) and the relay moves on to the next node."""
     started = time.monotonic()
     env, cluster = cenv, cenv.cluster
     env.init()
@@ -463,7 +464,7 @@ def test_restart_of_the_relays_node(cenv: ClusterEnv) -> None:
     assert verdict.lost == 0
     assert moved_to is not node
     assert retried_lost_node(relay, node) == 0, tail(relay.log())
-    assert count(relay, RETRYING, "CONNECTION_FORCED") >= 1
+    assert count(relay, RETRYING, "RabbitMQ connection lost") >= 1
 
 
 def test_partition_of_the_relays_node_pauses_it(cenv: ClusterEnv) -> None:
@@ -520,7 +521,9 @@ def test_classic_unroutable_queue_whose_node_dies(cenv: ClusterEnv) -> None:
       down or inaccessible``, which it tolerates, and routable events keep flowing;
     * an event no binding matches then has nowhere to go: the broker returns it
       (``312 NO_ROUTE``), and the relay holds the slot there and retries (reconnecting) until
-      the node is back; then the event is kept in the queue and what followed it flows.
+      the node is back; then the event is kept in the queue. Events after it in the WAL may
+      be published in each attempt (and then arrive more than once), but the slot stays
+      before the returned event until the queue takes it.
     """
     started = time.monotonic()
     env, cluster = cenv, cenv.cluster
@@ -567,12 +570,13 @@ def test_classic_unroutable_queue_whose_node_dies(cenv: ClusterEnv) -> None:
     cluster.wait_healthy()
     back = time.monotonic() - restart
     after = env.consume(1, timeout=60, settle=1.0)
-    assert [d.message_id for d in after] == [behind[0]]
+    assert {d.message_id for d in after} == {behind[0]}  # possibly several copies
     assert env.take(unroutable, 1) == [stray[0]]
     print(
         f"\n[classic unroutable, home node killed] {verdict} (drained while the node was down) "
         f"moved_to={moved_to.node} streaming_again_after={reconnect:.2f}s "
-        f"stray_returned_and_retried={held}x node_back_after={back:.1f}s "
+        f"stray_returned_and_retried={held}x copies_of_the_event_behind_it={len(after)} "
+        f"node_back_after={back:.1f}s "
         f"took={time.monotonic() - started:.1f}s\n  sessions ended by: {why(relay)}"
     )
     assert verdict.lost == 0
