@@ -8,7 +8,7 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 RABBIT := /usr/lib/rabbitmq/bin/rabbitmq-server
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery clean
+.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery bench-scale clean
 
 help:
 	@echo "make demo   - start a sandbox PostgreSQL + RabbitMQ, run the relay, show events flowing"
@@ -72,6 +72,9 @@ bench-shapes: $(VENV)/.bench system-deps
 
 bench-recovery: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run --only recovery
+
+bench-scale: $(VENV)/.bench system-deps
+	$(PY) -m benchmarks.run --only scale
 
 clean:
 	-$(PY) -m tests.sandbox down --dir .sandbox

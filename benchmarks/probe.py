@@ -94,9 +94,10 @@ class Broker:
             arguments={"alternate-exchange": f"{exchange}.unroutable"},
         )
 
-    def fresh_queue(self, queue: str, exchange: str) -> None:
+    def fresh_queue(self, queue: str, exchange: str, quorum: bool = False) -> None:
         self.channel.queue_delete(queue)
-        self.channel.queue_declare(queue, durable=True)
+        arguments = {"x-queue-type": "quorum"} if quorum else None
+        self.channel.queue_declare(queue, durable=True, arguments=arguments)
         self.channel.queue_bind(queue, exchange, "#")
 
     def delete_queue(self, queue: str) -> None:

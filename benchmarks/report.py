@@ -548,6 +548,46 @@ def tls_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
     ]
 
 
+def scale_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """The drain into a quorum queue on the three-node cluster against a classic queue on one
+    node (medians of the rounds), with what each side spent per event and in cores: a
+    measurement to report, with no target (met is None)."""
+    single, cluster = results.get("single_classic"), results.get("cluster_quorum")
+    name = "drain into a quorum queue on 3 nodes vs a classic queue on 1 (reported, no target)"
+    if not (_ok(single) and _ok(cluster)):
+        why = _error(single) or _error(cluster) or "not run"
+        return [{"target": name, "met": None, "measured": f"n/a ({why})"}]
+    assert single is not None and cluster is not None
+    rounds = ", ".join(
+        _r(b / a)
+        for a, b in zip(single.get("round_rates", []), cluster.get("round_rates", []), strict=False)
+    )
+
+    def spent(r: Result) -> str:
+        rate = float(r["rate"])
+        relay = float(r["cpu_us_per_event"])
+        broker = float(r.get("broker_cpu_us_per_event") or 0.0)
+        wal = r.get("walsender_cpu_us_per_event")
+        cores = (relay + broker + float(wal or 0.0)) * rate / 1e6
+        return (
+            f"relay {relay:.1f}, broker {broker:.1f}"
+            + (f", walsender {float(wal):.1f}" if wal is not None else "")
+            + f" µs/event = {cores:.2f} cores"
+        )
+
+    nodes = cluster.get("node_cpu_us_per_event") or {}
+    per_node = ", ".join(f"{v:.0f}" for v in sorted(nodes.values(), reverse=True))
+    return [
+        {
+            "target": name,
+            "met": None,
+            "measured": f"{cluster['rate'] / single['rate']:.2f}x ({cluster['rate']:,.0f} vs "
+            f"{single['rate']:,.0f} ev/s at N={cluster['n']:,}; per round {rounds}; cluster: "
+            f"{spent(cluster)} (broker per node {per_node}); one node: {spent(single)})",
+        }
+    ]
+
+
 def targets_text(items: list[dict[str, Any]]) -> str:
     lines = ["targets:"]
     for t in items:

@@ -20,6 +20,10 @@ shapes     the shapes outboxes really have (1, 3 and 1,000 events per transactio
            and a minimal message (payload as the body, two properties); relay and walsender CPU
            per event; the relay's idle CPU and its start-up time (spawn → ``streaming``)
 
+scale      (``--only scale``) one relay draining the same backlog into a quorum queue on a
+           three-node cluster (``tests.cluster``, all nodes in ``amqp_url``) and into a classic
+           queue on one node, in interleaved rounds; relay and broker CPU per event for each
+
 Output: a table on stdout, ``<out>/<timestamp>.json`` and ``<out>/latest.json``, and
 ``<out>/latest.png`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 
@@ -67,6 +71,7 @@ from benchmarks.workload import (
     pad_length,
     write_backlog,
 )
+from tests.cluster import RabbitCluster
 from tests.sandbox import PG_BIN, PostgresSandbox, RabbitSandbox, free_port
 from tests.tls import Authority, make_authority
 
@@ -79,7 +84,7 @@ STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
 # what a full run does; ``--only shapes`` or ``--only recovery`` runs one section alone
-SECTIONS = ("main", "shapes", "recovery", "tls")
+SECTIONS = ("main", "shapes", "recovery", "tls", "scale")
 
 Result = dict[str, Any]
 
@@ -212,7 +217,8 @@ class Bench:
         self._sql: psycopg.Connection[tuple[Any, ...]] | None = None
         self._broker: Broker | None = None
         self.children: list[Child] = []
-        self._broker_pids: list[int] = []  # found on first use
+        self.cluster: RabbitCluster | None = None  # the scale section's three nodes
+        self._cluster_broker: Broker | None = None
         self.meta: dict[str, Any] = {}
         self.pki: Authority
 
@@ -233,6 +239,9 @@ class Bench:
         relay_cli(self._relay_env("bench_setup"), "init", "--create-outbox")
         relay_cli(self._relay_env("bench_setup"), "drop", "--yes")
         self.broker.declare_exchange(EXCHANGE)
+        if "scale" in self.plan.sections:
+            self.cluster = RabbitCluster(self.root / "cluster").start()
+            self.cluster_broker.declare_exchange(EXCHANGE)
         props = getattr(self.broker.connection, "_impl", None)
         server = getattr(props, "server_properties", {}) or {}
         version = server.get("version", b"?")
@@ -291,11 +300,17 @@ class Bench:
 
     def stop(self) -> None:
         self.end_children()
-        if self._broker is not None:
-            with suppress(Exception):
-                self._broker.close()
+        for broker in (self._broker, self._cluster_broker):
+            if broker is not None:
+                with suppress(Exception):
+                    broker.close()
         if self._sql is not None:
             self._sql.close()
+        if self.cluster is not None:
+            try:
+                self.cluster.destroy()
+            except AssertionError as exc:  # a VM that would not die: say so, stop the rest
+                print(f"  cluster: {exc}", flush=True)
         self.rabbit.destroy()
         self.pg.destroy()
 
@@ -310,6 +325,14 @@ class Bench:
         if self._broker is None or not self._broker.connection.is_open:
             self._broker = Broker(self.amqp)
         return self._broker
+
+    @property
+    def cluster_broker(self) -> Broker:
+        """An admin connection to the cluster's first node (where its queues' leaders go)."""
+        assert self.cluster is not None, "the cluster runs only for the scale section"
+        if self._cluster_broker is None or not self._cluster_broker.connection.is_open:
+            self._cluster_broker = Broker(self.cluster.nodes[0].amqp_url)
+        return self._cluster_broker
 
     # -- helpers --------------------------------------------------------------------------------
     def _relay_env(self, slot: str) -> dict[str, str]:
@@ -352,14 +375,16 @@ class Bench:
         self.sql.execute("CHECKPOINT")
 
     @contextmanager
-    def queue(self, name: str) -> Iterator[str]:
-        """A fresh durable queue bound to the exchange, deleted afterwards (frees the broker)."""
+    def queue(self, name: str, cluster: bool = False) -> Iterator[str]:
+        """A fresh durable queue bound to the exchange, deleted afterwards (frees the broker);
+        on the cluster a quorum queue (members on all three nodes)."""
         q = f"bench.{name}"
-        self.broker.fresh_queue(q, EXCHANGE)
+        broker = self.cluster_broker if cluster else self.broker
+        broker.fresh_queue(q, EXCHANGE, quorum=cluster)
         try:
             yield q
         finally:
-            self.broker.delete_queue(q)
+            broker.delete_queue(q)
 
     def backlog(self, table: str, n: int, txn_size: int, pad: int | None = None) -> Result:
         seconds = write_backlog(self.sql, table, n, txn_size, self.pad if pad is None else pad)
@@ -459,6 +484,7 @@ class Bench:
         settings: dict[str, str] | None = None,
         payload: int | None = None,
         payload_type: str = "jsonb",
+        cluster: bool = False,
     ) -> Result:
         """``tracing``: the relay exports a span per event over OTLP/HTTP to a counting sink
         (Jaeger's stand-in, its own process), with the SDK's default batch processor settings;
@@ -466,6 +492,9 @@ class Bench:
         ``settings``: extra relay settings (e.g. ``{"MAX_IN_FLIGHT_PER_AGGREGATE": "1"}``).
         ``payload``: payload bytes of the events (default: the plan's). ``payload_type``:
         the payload column's type for this drain (json or jsonb; set back to jsonb after).
+        ``cluster``: the relay gets the three nodes of the scale section's cluster in
+        ``amqp_url`` and drains into a quorum queue there; broker CPU is then the three nodes'
+        (each node's also reported).
 
         Besides the relay's own CPU it reads the CPU the walsender serving the relay's slot
         used from its start to the end of the drain (reading and decoding the WAL), the
@@ -479,6 +508,11 @@ class Bench:
         if payload_type != "jsonb":
             self.sql.execute(f"ALTER TABLE {OUTBOX} ALTER COLUMN payload TYPE {payload_type}")
         otel: dict[str, str] = {f"CDC_RELAY_{k}": v for k, v in (settings or {}).items()}
+        broker = self.cluster_broker if cluster else self.broker
+        if cluster:
+            assert self.cluster is not None
+            otel["CDC_RELAY_AMQP_URL"] = self.cluster.amqp_url
+        per_node: dict[str, float] = {}
         sink: Child | None = None
         traced: Result = {}
         try:
@@ -495,14 +529,17 @@ class Bench:
             pad = None if payload is None else pad_length(payload)
             info = self.backlog(OUTBOX, n, txn_size, pad)
             info["settle_s"] = round(self.settle(), 1)
-            with self.queue(label) as q:
+            with self.queue(label, cluster) as q:
                 spawned = time.time()
                 relay = self.relay(f"relay-{label}", slot, otel)
                 t0 = relay.wait_streaming()
-                cpu0, broker0 = relay.cpu(), self.broker_cpu()
+                cpu0, broker0 = relay.cpu(), self.broker_cpu(cluster)
+                nodes0 = self.node_cpu() if cluster else {}
                 walsender = self.walsender_pid(slot)
-                t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
-                cpu1, broker1 = relay.cpu(), self.broker_cpu()
+                t1, depth = broker.wait_depth(q, n, self.drain_timeout(n), alive=relay.alive)
+                cpu1, broker1 = relay.cpu(), self.broker_cpu(cluster)
+                for name, used in (self.node_cpu() if cluster else {}).items():
+                    per_node[name] = (used - nodes0.get(name, 0.0)) / n * 1e6
                 # from the walsender's start: it serves this relay's connection alone, and it
                 # decodes ahead of the relay, some of it before its pid could be read
                 wal1 = _cpu_or_none(walsender)
@@ -510,8 +547,8 @@ class Bench:
                 relay.stop()  # flushes the spans still buffered, then exits
                 problems = relay.log_problems()
                 time.sleep(0.2)
-                final = self.broker.depth(q)
-                message = self.broker.sample(q) if final else None
+                final = broker.depth(q)
+                message = broker.sample(q) if final else None
                 if sink is not None:
                     sink.terminate()
                     done = sink.expect("done", 10)
@@ -543,6 +580,7 @@ class Bench:
             "cpu_total_us_per_event": cpu1 / n * 1e6,
             "walsender_cpu_us_per_event": None if wal1 is None else wal1 / n * 1e6,
             "broker_cpu_us_per_event": (broker1 - broker0) / n * 1e6,
+            **({"node_cpu_us_per_event": per_node} if cluster else {}),
             "peak_rss_mb": rss,
             "relay_log_problems": problems,
             **({"message": message} if message else {}),
@@ -773,16 +811,19 @@ class Bench:
             ),
         }
 
-    def broker_cpu(self) -> float:
-        """CPU seconds of the broker (its beam.smp processes), read per scenario: the broker
-        shares the two cores, so what a message shape costs it bounds every publisher."""
-        if not self._broker_pids:
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    with suppress(OSError):
-                        if b"beam.smp" in (entry / "cmdline").read_bytes():
-                            self._broker_pids.append(int(entry.name))
-        return sum(_cpu_or_none(pid) or 0.0 for pid in self._broker_pids)
+    def broker_cpu(self, cluster: bool = False) -> float:
+        """CPU seconds of the broker (the node's Erlang VM, or the three cluster nodes'), read
+        per scenario: the broker shares the two cores, so what a message shape costs it bounds
+        every publisher. Only our own VMs count (from their pid files), not every beam.smp on
+        the machine: the scale section runs four, and other work may run its own."""
+        if cluster:
+            return sum(self.node_cpu().values())
+        return _cpu_or_none(_pid_of(self.rabbit.pidfile)) or 0.0
+
+    def node_cpu(self) -> dict[str, float]:
+        """CPU seconds of each cluster node's VM, by node name."""
+        assert self.cluster is not None
+        return {n.node: _cpu_or_none(n.pid) or 0.0 for n in self.cluster.nodes}
 
     def _server_cpu(self, broker: bool = True) -> float:
         """CPU seconds of every PostgreSQL process (postmaster and its children) and, with
@@ -852,6 +893,13 @@ class Bench:
             **info,
             **({"poll_cycles": stats["cycles"]} if stats.get("cycles") else {}),
         }
+
+
+def _pid_of(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _cpu_or_none(pid: int | None) -> float | None:
@@ -965,6 +1013,30 @@ def _steps(bench: Bench, plan: Plan) -> list[Step]:
         steps += _recovery_steps(bench, plan)
     if "tls" in plan.sections:
         steps += _tls_steps(bench, plan)
+    if "scale" in plan.sections:
+        steps += _scale_steps(bench, plan)
+    return steps
+
+
+def _scale_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Round after round, the same backlog drained by one relay into a classic queue on one
+    node, then into a quorum queue on the three-node cluster (all nodes in ``amqp_url``)."""
+    n = plan.backlog
+    steps: list[Step] = []
+    for r in range(1, plan.rounds + 1):
+        tag = f" (round {r}/{plan.rounds})"
+        steps += [
+            (
+                f"single_classic#{r}",
+                f"cdc-relay drain, one node, classic queue, N={n:,}{tag}",
+                partial(bench.cdc_drain, "single_classic", n, plan.txn_size),
+            ),
+            (
+                f"cluster_quorum#{r}",
+                f"cdc-relay drain, 3-node cluster, quorum queue, N={n:,}{tag}",
+                partial(bench.cdc_drain, "cluster_quorum", n, plan.txn_size, cluster=True),
+            ),
+        ]
     return steps
 
 
@@ -1283,6 +1355,8 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         targets += report.recovery_targets(results)
     if "tls" in plan.sections:
         targets += report.tls_summary(results)
+    if "scale" in plan.sections:
+        targets += report.scale_summary(results)
     print()
     if main_section:
         print(report.table(rows))
@@ -1346,11 +1420,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["shapes", "recovery", "tls"],
+        choices=["shapes", "recovery", "tls", "scale"],
         help="run one section: 'shapes' (the outbox shapes against their two ceilings, the "
         "relay's idle cost and start-up time) or 'recovery' (init --backfill against the "
         "streaming drain of the same rows) or 'tls' (the drain over TLS on both sides "
-        "against plain)",
+        "against plain) or 'scale' (the drain into a quorum queue on a three-node cluster "
+        "against a classic queue on one node)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(

@@ -496,7 +496,10 @@ class Publisher:
         if self._closing:
             return
         if not isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-            # the connection under the channel went away: classified like the connection
+            # the connection under the channel went away: classified like the connection, and
+            # the next connection starts at the following node (pika closes the channels before
+            # it reports the connection closed, and by then the session is closing)
+            self._brokers.lost()
             self._on_failure(connection_failure(reason))
             return
         code = int(reason.reply_code)

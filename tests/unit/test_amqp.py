@@ -526,6 +526,38 @@ def test_connection_closes_for_frames_the_broker_cannot_parse(code: int, refused
     assert type(failures[0]) is type(err)
 
 
+def test_a_lost_connection_seen_first_by_the_channel_moves_the_rotation_on() -> None:
+    """pika closes a lost connection's channels before it calls the connection's close
+    callback, and the session is closing by then: the channel's callback is where the loss
+    must move the rotation, or the next session tries the dead node first."""
+    import pika.exceptions
+
+    from cdc_relay.brokers import Brokers
+    from cdc_relay.rabbitmq import Publisher
+
+    brokers = Brokers("amqp://127.0.0.1:1/,amqp://127.0.0.1:2/,amqp://127.0.0.1:3/")
+    failures: list[Any] = []
+    publisher = Publisher(
+        brokers,
+        ["outbox"],
+        "topic",
+        True,
+        30,
+        ioloop=None,
+        on_ready=lambda: None,
+        on_confirm=lambda *_: None,
+        on_failure=failures.append,
+        on_closed=lambda: None,
+    )
+    brokers.connected(0)
+    channel = _FakeChannel()
+    publisher._channel = channel
+    publisher.ready = True
+    publisher._on_channel_closed(channel, pika.exceptions.StreamLostError("reset by peer"))
+    assert failures and failures[0].retryable
+    assert brokers.order() == [1, 2, 0]
+
+
 def test_returns_are_returned_not_string_tagged_nacks() -> None:
     from pika.spec import Basic
 

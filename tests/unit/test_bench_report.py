@@ -877,7 +877,7 @@ def test_plan_shapes_quick_and_full() -> None:
         10_000,
     )
     assert [s.key for s in QUICK.shapes if s.bytes_target] == ["kb2"]
-    assert QUICK.sections == ("main", "shapes", "recovery", "tls")
+    assert QUICK.sections == ("main", "shapes", "recovery", "tls", "scale")
     only = Plan.make(quick=True, payload=150, rate=2000.0, seconds=None, only="shapes")
     assert only.sections == ("shapes",)
     assert (QUICK.recovery, FULL.recovery) == (100_000, 1_000_000)
@@ -1239,4 +1239,37 @@ def test_tls_is_reported_as_a_ratio_without_a_target() -> None:
     assert line["measured"].startswith("0.86x (9,500 vs 11,000 ev/s")
     assert "per round 0.90x, 0.83x" in line["measured"]
     (failed,) = report.tls_summary({"tls_plain": drain(), "tls_tls": error()})
+    assert failed["met"] is None and "boom" in failed["measured"]
+
+
+def test_scale_is_reported_as_a_ratio_with_what_each_side_spent() -> None:
+    """Cluster vs one node: the ratio of the medians, per round beside it, and each side's
+    relay, broker and walsender CPU per event turned into cores at its rate."""
+
+    def spent(rate: float, broker: float, nodes: dict[str, float] | None = None) -> Result:
+        r = drain(rate=rate, cpu=30.0)
+        r.update(broker_cpu_us_per_event=broker, walsender_cpu_us_per_event=20.0)
+        if nodes is not None:
+            r["node_cpu_us_per_event"] = nodes
+        return r
+
+    results = {
+        "single_classic": _combine([spent(10_000.0, 60.0), spent(12_000.0, 60.0)]),
+        "cluster_quorum": _combine(
+            [
+                spent(5_000.0, 150.0, {"a": 90.0, "b": 30.0, "c": 30.0}),
+                spent(6_000.0, 150.0, {"a": 90.0, "b": 30.0, "c": 30.0}),
+            ]
+        ),
+    }
+    (line,) = report.scale_summary(results)
+    assert line["met"] is None
+    assert line["measured"].startswith("0.50x (5,500 vs 11,000 ev/s")
+    assert "per round 0.50x, 0.50x" in line["measured"]
+    # 30 + 150 + 20 µs/event at 5,500 ev/s; 30 + 60 + 20 at 11,000
+    assert "broker 150.0, walsender 20.0 µs/event = 1.10 cores" in line["measured"]
+    assert "(broker per node 90, 30, 30)" in line["measured"]
+    one = "one node: relay 30.0, broker 60.0, walsender 20.0 µs/event = 1.21 cores"
+    assert one in line["measured"]
+    (failed,) = report.scale_summary({"single_classic": drain(), "cluster_quorum": error()})
     assert failed["met"] is None and "boom" in failed["measured"]
