@@ -551,8 +551,9 @@ class Publisher:
         elif code == 404 and queue not in self._queue_unavailable:
             self._queue_unavailable.add(queue)
             log.warning(
-                "the unroutable queue is unavailable (its node is down?); events no binding "
-                "matches are retried until it is back, the others flow",
+                "the unroutable queue is unavailable (its node is down?); routable events "
+                "flow, but the first event no binding matches is returned and retried (the "
+                "slot waits there) until the queue is back",
                 extra={"queue": queue, "reply": text[:200]},
             )
         else:
