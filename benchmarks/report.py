@@ -588,6 +588,39 @@ def scale_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
     ]
 
 
+def split_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """Two relays side by side over a four-way partitioned outbox against one relay over the
+    same partitions (medians of the rounds): reported, no target, with what bounds it."""
+    one, two = results.get("split_one"), results.get("split_two")
+    name = "2 relays over a partitioned outbox vs 1 relay (reported, no target)"
+    if not (_ok(one) and _ok(two)):
+        why = _error(one) or _error(two) or "not run"
+        return [{"target": name, "met": None, "measured": f"n/a ({why})"}]
+    assert one is not None and two is not None
+    rounds = ", ".join(
+        _r(b / a)
+        for a, b in zip(one.get("round_rates", []), two.get("round_rates", []), strict=False)
+    )
+
+    def spent(r: Result) -> str:
+        wal = r.get("walsender_cpu_us_per_event")
+        return (
+            f"relays {float(r['cpu_us_per_event']):.1f}"
+            + (f", walsenders {float(wal):.1f}" if wal is not None else "")
+            + " µs/event"
+        )
+
+    return [
+        {
+            "target": name,
+            "met": None,
+            "measured": f"{two['rate'] / one['rate']:.2f}x ({two['rate']:,.0f} vs "
+            f"{one['rate']:,.0f} ev/s at N={two['n']:,}; per round {rounds}; two: {spent(two)}; "
+            f"one: {spent(one)})",
+        }
+    ]
+
+
 def targets_text(items: list[dict[str, Any]]) -> str:
     lines = ["targets:"]
     for t in items:

@@ -22,7 +22,9 @@ shapes     the shapes outboxes really have (1, 3 and 1,000 events per transactio
 
 scale      (``--only scale``) one relay draining the same backlog into a quorum queue on a
            three-node cluster (``tests.cluster``, all nodes in ``amqp_url``) and into a classic
-           queue on one node, in interleaved rounds; relay and broker CPU per event for each
+           queue on one node, in interleaved rounds; relay and broker CPU per event for each;
+           and the same backlog in an outbox hash-partitioned four ways, drained by two relays
+           side by side (two partitions each, own slots) against one relay over all four
 
 Output: a table on stdout, ``<out>/<timestamp>.json`` and ``<out>/latest.json``, and
 ``<out>/latest.png`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
@@ -81,6 +83,7 @@ EXCHANGE = "bench"
 # its queue grows towards a million persistent messages, and the relay cannot be faster than it
 SCALE_CEILING_MAX = 1_000_000
 STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
+SPLIT_PARTITIONS = 4  # the scale section's partitioned outbox (relays side by side)
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
 # what a full run does; ``--only shapes`` or ``--only recovery`` runs one section alone
@@ -588,6 +591,80 @@ class Bench:
             **traced,
         }
 
+    def split_drain(self, label: str, n: int, txn_size: int, relays: int) -> Result:
+        """The backlog in an outbox hash-partitioned ``SPLIT_PARTITIONS`` ways (``init
+        --partitions``), drained into one queue by ``relays`` relays side by side, each with its
+        own slot and publication over every ``relays``-th partition: the aggregate rate from
+        the first relay's streaming start to the last event, and the CPU all relays and all
+        walsenders spent. One relay over every partition is the baseline on the same table."""
+        parts = SPLIT_PARTITIONS
+        self.sql.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active"
+        )
+        self.sql.execute(f"DROP TABLE IF EXISTS {OUTBOX} CASCADE")
+        relay_cli(
+            self._relay_env(f"bench_{label}"), "init", "--create-outbox", "--partitions", str(parts)
+        )
+        members: list[dict[str, str]] = []
+        for k in range(relays):
+            tables = ",".join(f"public.{OUTBOX}_p{p}" for p in range(parts) if p % relays == k)
+            env = {
+                **self._relay_env(f"bench_{label}_{k}"),
+                "CDC_RELAY_OUTBOX_TABLE": tables,
+                "CDC_RELAY_LOGICAL_MESSAGES": "false",
+            }
+            relay_cli(env, "init")
+            members.append(env)
+        try:
+            info = self.backlog(OUTBOX, n, txn_size)
+            info["settle_s"] = round(self.settle(), 1)
+            with self.queue(label) as q:
+                procs = []
+                for k, env in enumerate(members):
+                    r = CdcRelay(f"relay-{label}-{k}", env, self.logdir)
+                    self.children.append(r)
+                    procs.append(r)
+                started = []
+                for r in procs:  # each relay's CPU from its own start of streaming
+                    started.append((r.wait_streaming(), r.cpu()))
+                t0 = min(t for t, _ in started)
+                walsenders = [self.walsender_pid(env["CDC_RELAY_SLOT"]) for env in members]
+                alive = lambda: all(r.alive() for r in procs)  # noqa: E731 - a one-line check
+                t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=alive)
+                cpu = sum(r.cpu() - c0 for r, (_, c0) in zip(procs, started, strict=True))
+                wal = [_cpu_or_none(pid) for pid in walsenders]
+                rss = max(r.peak_rss_mb() for r in procs)
+                for r in procs:
+                    r.stop()
+                problems = [p for r in procs for p in r.log_problems()]
+        finally:
+            self.end_children()
+            for env in members:
+                with suppress(ChildError):
+                    relay_cli(env, "drop", "--yes")
+            # the other sections stream an ordinary outbox table
+            self.sql.execute(f"DROP TABLE IF EXISTS {OUTBOX} CASCADE")
+            restore = self._relay_env(f"bench_{label}_restore")
+            relay_cli(restore, "init", "--create-outbox")
+            relay_cli(restore, "drop", "--yes")
+        seconds = t1 - t0
+        return {
+            "n": n,
+            "txn_size": txn_size,
+            "relays": relays,
+            "partitions": parts,
+            "delivered": depth,
+            "seconds": seconds,
+            "rate": n / seconds,
+            "cpu_us_per_event": cpu / n * 1e6,  # every relay's, from its start of streaming
+            "walsender_cpu_us_per_event": None
+            if None in wal
+            else sum(w or 0.0 for w in wal) / n * 1e6,
+            "peak_rss_mb": rss,
+            "relay_log_problems": problems,
+            **info,
+        }
+
     def backfill_drain(self, label: str, n: int, txn_size: int) -> Result:
         """``cdc-relay init --backfill`` over ``n`` rows already in the outbox: spawn → every
         row in the queue. Its CPU and peak RSS come from ``wait4`` on the finished process
@@ -1036,6 +1113,17 @@ def _scale_steps(bench: Bench, plan: Plan) -> list[Step]:
                 f"cdc-relay drain, 3-node cluster, quorum queue, N={n:,}{tag}",
                 partial(bench.cdc_drain, "cluster_quorum", n, plan.txn_size, cluster=True),
             ),
+            (
+                f"split_one#{r}",
+                f"cdc-relay drain, 1 relay over {SPLIT_PARTITIONS} partitions, N={n:,}{tag}",
+                partial(bench.split_drain, "split_one", n, plan.txn_size, 1),
+            ),
+            (
+                f"split_two#{r}",
+                f"cdc-relay drain, 2 relays over {SPLIT_PARTITIONS // 2} partitions each, "
+                f"N={n:,}{tag}",
+                partial(bench.split_drain, "split_two", n, plan.txn_size, 2),
+            ),
         ]
     return steps
 
@@ -1356,7 +1444,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
     if "tls" in plan.sections:
         targets += report.tls_summary(results)
     if "scale" in plan.sections:
-        targets += report.scale_summary(results)
+        targets += report.scale_summary(results) + report.split_summary(results)
     print()
     if main_section:
         print(report.table(rows))
