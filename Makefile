@@ -8,7 +8,8 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 RABBIT := /usr/lib/rabbitmq/bin/rabbitmq-server
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery clean
+.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery \
+	bench-consumer clean
 
 help:
 	@echo "make demo   - start a sandbox PostgreSQL + RabbitMQ, run the relay, show events flowing"
@@ -72,6 +73,9 @@ bench-shapes: $(VENV)/.bench system-deps
 
 bench-recovery: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run --only recovery
+
+bench-consumer: $(VENV)/.bench system-deps
+	$(PY) -m benchmarks.run --only consumer
 
 clean:
 	-$(PY) -m tests.sandbox down --dir .sandbox
