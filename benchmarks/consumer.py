@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -218,7 +219,7 @@ class ConsumerBench:
         cpu0 = kit.cpu()
         with psycopg.connect(self.inbox_dsn, autocommit=True) as inbox:
             backend = _inbox_backend(inbox)
-            _wait_inbox(inbox, n, limit, kit.alive)
+            _wait_inbox(inbox, n, limit, kit.alive, b.broker.keep_alive)
             cpu1, db1 = kit.cpu(), cpu_or_none(backend)
             rss = kit.peak_rss_mb()
             kit.stop()
@@ -332,7 +333,9 @@ class ConsumerBench:
         """Wait until the kit applied ``committed`` events, stop it, read every age from its
         inbox."""
         with psycopg.connect(self.inbox_dsn, autocommit=True) as inbox:
-            _wait_inbox(inbox, committed, 60 + committed / 200, kit.alive)
+            _wait_inbox(
+                inbox, committed, 60 + committed / 200, kit.alive, self.bench.broker.keep_alive
+            )
             cpu1 = kit.cpu()
             kit.stop()
             rows = inbox.execute(
@@ -352,12 +355,18 @@ class ConsumerBench:
 
 
 def _wait_inbox(
-    inbox: psycopg.Connection[tuple[Any, ...]], n: int, timeout: float, alive: Any
+    inbox: psycopg.Connection[tuple[Any, ...]],
+    n: int,
+    timeout: float,
+    alive: Callable[[], bool],
+    between: Callable[[], None],
 ) -> int:
     """Poll the inbox's row count until it holds ``n`` → the count; the kit dying or the
-    timeout passing is an error (the caller's result would be a partial drain)."""
+    timeout passing is an error (the caller's result would be a partial drain). ``between``
+    runs between polls (the harness's broker connection must answer its heartbeats)."""
     deadline = time.monotonic() + timeout
     while True:
+        between()
         row = inbox.execute("SELECT count(*) FROM cdc_relay_inbox").fetchone()
         count = int(row[0]) if row else 0
         if count >= n:

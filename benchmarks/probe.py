@@ -95,6 +95,12 @@ class Broker:
         if self.connection.is_open:
             self.connection.close()
 
+    def keep_alive(self) -> None:
+        """Answer the broker's heartbeats. A BlockingConnection does that only while it is
+        used; a step that leaves it idle past the heartbeat timeout (the kit draining 100k
+        events takes about two minutes) would find it closed by the broker."""
+        self.connection.process_data_events(time_limit=0)
+
     def declare_exchange(self, exchange: str) -> None:
         """Exactly as cdc-relay declares it (topic, durable, with its alternate exchange)."""
         self.channel.exchange_declare(
