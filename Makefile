@@ -8,7 +8,8 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 RABBIT := /usr/lib/rabbitmq/bin/rabbitmq-server
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery bench-scale clean
+.PHONY: help install system-deps lint test unit demo bench bench-quick bench-shapes bench-recovery \
+	bench-scale bench-consumer clean
 
 help:
 	@echo "make demo   - start a sandbox PostgreSQL + RabbitMQ, run the relay, show events flowing"
@@ -75,6 +76,9 @@ bench-recovery: $(VENV)/.bench system-deps
 
 bench-scale: $(VENV)/.bench system-deps
 	$(PY) -m benchmarks.run --only scale
+
+bench-consumer: $(VENV)/.bench system-deps
+	$(PY) -m benchmarks.run --only consumer
 
 clean:
 	-$(PY) -m tests.sandbox down --dir .sandbox

@@ -14,6 +14,12 @@
              when the table was empty.
 ``naive``    the same loop, but a ``BlockingConnection`` publishing and confirming one message at
              a time.
+``consumer`` what ``cdc-relay consume`` is compared with: a bare pika consumer, the way it is
+             written by hand: ``BlockingConnection``, ``basic_qos(prefetch)``, ``consume()``,
+             one ``basic_ack`` per message, nothing else done with it. It stops after
+             ``--count`` messages, or after the count it reads from stdin (sent once the
+             producer knows it); ``--ages FILE`` keeps each receipt time and body and writes
+             commit → receipt ages after the clock stopped.
 
 Each prints JSON lines on stdout: ``{"event": "ready", "t": <unix time>}`` when connected (the
 moment its clock starts), then ``{"event": "done", ...}`` with its own counts. Every loop is
@@ -21,6 +27,7 @@ bounded by ``--max-seconds``; SIGTERM stops the pollers after the batch in fligh
 
     python -m benchmarks.peers pika --url URL --exchange bench --count 100000 --payload 150
     python -m benchmarks.peers polling --dsn DSN --url URL --exchange bench
+    python -m benchmarks.peers consumer --url URL --queue Q --prefetch 100 --count 20000
 """
 
 from __future__ import annotations
@@ -28,17 +35,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import select
 import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pika
 import psycopg
 from pika.adapters.select_connection import SelectConnection
 
-from benchmarks.probe import property_names
+from benchmarks.probe import property_names, receipt_ages
 from benchmarks.workload import POLL_OUTBOX, envelope, pad_length, payload_text, sample_message
 
 ROUTING_KEY = "order.OrderPlaced"
@@ -437,6 +446,61 @@ def naive_relay(dsn: str, url: str, exchange: str, batch: int, idle: float, seco
     return 0
 
 
+# -- bare consumer ----------------------------------------------------------------------------
+def bare_consumer(
+    url: str,
+    queue: str,
+    prefetch: int,
+    count: int | None,
+    ages: Path | None,
+    max_seconds: float,
+) -> int:
+    """Take messages off ``queue`` and acknowledge each: the least a consumer with manual acks
+    does, so the kit's ratio to it is what the kit itself adds (decode, inbox, transaction).
+
+    Its clock runs from ``ready`` (just before ``consume()``) to the last ``basic_ack``; its CPU
+    over the same span. Without ``count`` it waits for one line on stdin with the number to
+    take, read between messages only when the queue is idle or every 256 messages.
+    """
+    stop = _Stop()
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    kept: list[tuple[float, bytes]] = []
+    expected = count
+    acked = 0
+    last_ack = 0.0
+    emit("ready")
+    cpu0 = time.process_time()
+    cpu = 0.0
+    deadline = time.monotonic() + max_seconds
+    for method, _props, body in channel.consume(queue, inactivity_timeout=0.05):
+        if method is not None:
+            if ages is not None:
+                kept.append((time.time(), body))
+            channel.basic_ack(method.delivery_tag)
+            acked += 1
+            last_ack = time.time()
+            cpu = time.process_time() - cpu0
+        idle_or_due = method is None or acked % 256 == 0
+        if expected is None and idle_or_due and select.select([sys.stdin], [], [], 0)[0]:
+            line = sys.stdin.readline()
+            expected = int(line) if line.strip() else 0
+        if expected is not None and acked >= expected:
+            break
+        if stop.requested or time.monotonic() > deadline:
+            break
+    channel.cancel()
+    connection.close()
+    if ages is not None:
+        receipts = [t for t, _ in kept]
+        ages.write_text(
+            json.dumps({"expected": expected, "receipts": receipts, **receipt_ages(kept)})
+        )
+    emit("done", acked=acked, expected=expected, last_ack_t=last_ack, cpu_s=cpu)
+    return 0 if expected is not None and acked >= expected else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -469,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--batch", type=int, default=2000)
         q.add_argument("--idle", type=float, default=0.01, help="sleep after an empty poll (s)")
         q.add_argument("--max-seconds", type=float, default=300)
+    p = sub.add_parser("consumer", help="bare pika consumer with manual acks (the kit's peer)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--queue", required=True)
+    p.add_argument("--prefetch", type=int, default=100)
+    p.add_argument("--count", type=int, help="messages to take (default: a number on stdin)")
+    p.add_argument("--ages", type=Path, help="write commit → receipt ages to this file")
+    p.add_argument("--max-seconds", type=float, default=300)
     args = parser.parse_args(argv)
     if not 0 < args.max_seconds <= 3600:
         parser.error("--max-seconds must be in (0, 3600]")
@@ -486,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "paced":
         paced = PacedPika(args.url, args.exchange, args.rate, args.burst, args.seconds)
         return paced.run(args.max_seconds, pad_length(args.payload))
+    if args.command == "consumer":
+        if not 0 < args.prefetch <= 65535:
+            parser.error("--prefetch must be in (0, 65535]")
+        return bare_consumer(
+            args.url, args.queue, args.prefetch, args.count, args.ages, args.max_seconds
+        )
     if args.command == "polling":
         relay = PollingRelay(args.dsn, args.url, args.exchange, args.batch, args.idle)
         return relay.run(args.max_seconds)

@@ -179,27 +179,25 @@ def relay_cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return out.stdout
 
 
-class CdcRelay(Child):
-    """``python -m cdc_relay.cli run``; its JSON logs go to stderr."""
+class CdcProcess(Child):
+    """A ``cdc-relay`` command that runs until stopped; its JSON logs go to stderr."""
 
-    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
-        super().__init__(name, [sys.executable, "-m", "cdc_relay.cli", "run"], logdir, env=env)
-
-    def wait_streaming(self, timeout: float = 60) -> float:
-        """Unix time of the relay's ``streaming`` log record (when it starts reading the WAL)."""
+    def log_time(self, msg: str, timeout: float = 60) -> float:
+        """Unix time of the first log record whose message is ``msg``."""
+        needle = f'"msg": "{msg}"'
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.err_path.read_text(errors="replace").splitlines():
-                if '"msg": "streaming"' in line:
+                if needle in line:
                     ts = json.loads(line)["ts"]
                     return dt.datetime.fromisoformat(ts).timestamp()
             if not self.alive():
-                raise ChildError(f"relay exited {self.proc.returncode}:\n{self.stderr()}")
+                raise ChildError(f"{self.name} exited {self.proc.returncode}:\n{self.stderr()}")
             time.sleep(0.005)
-        raise ChildError(f"relay not streaming after {timeout:.0f}s:\n{self.stderr()}")
+        raise ChildError(f"{self.name}: no {msg!r} record after {timeout:.0f}s:\n{self.stderr()}")
 
     def log_problems(self, limit: int = 20) -> list[str]:
-        """The relay's warning and error records ("ts level msg: error"), oldest first."""
+        """The warning and error records ("ts level msg: error"), oldest first."""
         out: list[str] = []
         for line in self.err_path.read_text(errors="replace").splitlines():
             try:
@@ -214,5 +212,32 @@ class CdcRelay(Child):
     def stop(self, timeout: float = 60) -> int:
         code = self.terminate(timeout)
         if code != 0:
-            raise ChildError(f"relay exited {code} on SIGTERM:\n{self.stderr()}")
+            raise ChildError(f"{self.name} exited {code} on SIGTERM:\n{self.stderr()}")
         return code
+
+
+class CdcRelay(CdcProcess):
+    """``python -m cdc_relay.cli run``."""
+
+    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
+        super().__init__(name, [sys.executable, "-m", "cdc_relay.cli", "run"], logdir, env=env)
+
+    def wait_streaming(self, timeout: float = 60) -> float:
+        """Unix time of the relay's ``streaming`` log record (when it starts reading the WAL)."""
+        return self.log_time("streaming", timeout)
+
+
+class CdcConsumer(CdcProcess):
+    """``python -m cdc_relay.cli consume --queue QUEUE --handler HANDLER``: the consumer kit,
+    driven only through its command line and ``CDC_RELAY_*`` settings, as a user runs it."""
+
+    def __init__(
+        self, name: str, env: dict[str, str], logdir: Path, queue: str, handler: str
+    ) -> None:
+        argv = [sys.executable, "-m", "cdc_relay.cli", "consume", "--queue", queue]
+        super().__init__(name, [*argv, "--handler", handler], logdir, env=env)
+
+    def wait_consuming(self, timeout: float = 60) -> float:
+        """Unix time of the kit's ``consuming`` log record (its channel is set up and it is
+        about to take messages)."""
+        return self.log_time("consuming", timeout)

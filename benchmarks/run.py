@@ -19,6 +19,11 @@ shapes     the shapes outboxes really have (1, 3 and 1,000 events per transactio
            with two raw pika ceilings of the same N and payload: the relay's exact message shape,
            and a minimal message (payload as the body, two properties); relay and walsender CPU
            per event; the relay's idle CPU and its start-up time (spawn → ``streaming``)
+recovery   ``init --backfill`` against the streaming drain of the same rows
+tls        the backlog drain over TLS on both sides against plain connections
+consumer   the consumer kit (``cdc-relay consume``) against a bare pika consumer with manual
+           acks: draining the same backlog of envelopes (no-op handler), and the age of each
+           event when applied at a steady 2,000 ev/s (a warehouse handler) vs when received
 
 scale      (``--only scale``) one relay draining the same backlog into a quorum queue on a
            three-node cluster (``tests.cluster``, all nodes in ``amqp_url``) and into a classic
@@ -29,7 +34,8 @@ scale      (``--only scale``) one relay draining the same backlog into a quorum 
 Output: a table on stdout, ``<out>/<timestamp>.json`` and ``<out>/latest.json``, and
 ``<out>/latest.png`` (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 
-    python -m benchmarks.run [--quick] [--only shapes] [--payload 150|1024|16384] [--out DIR]
+    python -m benchmarks.run [--quick] [--only shapes|recovery|tls|consumer]
+                             [--payload 150|1024|16384] [--out DIR]
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from typing import Any
 import psycopg
 
 from benchmarks import report
-from benchmarks.probe import CLK_TCK, Broker, cpu_seconds
+from benchmarks.consumer import ConsumerBench
+from benchmarks.probe import CLK_TCK, Broker, cpu_or_none
 from benchmarks.procs import (
     REPO,
     CdcRelay,
@@ -86,8 +93,9 @@ STATUS_INTERVAL = 5.0  # seconds; the sandbox's wal_sender_timeout is 10 s
 SPLIT_PARTITIONS = 4  # the scale section's partitioned outbox (relays side by side)
 WINDOW = 2000  # the relay's default max_in_flight; the pika ceiling uses the same window
 STEADY_POLL_IDLE = 0.1  # a second polling relay in the latency comparison: a common setting
-# what a full run does; ``--only shapes`` or ``--only recovery`` runs one section alone
-SECTIONS = ("main", "shapes", "recovery", "tls", "scale")
+# what a full run does; ``--only shapes`` (or recovery, tls, scale, consumer) runs one section
+# alone
+SECTIONS = ("main", "shapes", "recovery", "tls", "scale", "consumer")
 
 Result = dict[str, Any]
 
@@ -163,6 +171,11 @@ class Plan:
     shapes: tuple[Shape, ...] = ()
     idle_seconds: float = 10.0  # cdc-relay's idle cost, measured once per round
     recovery: int = 100_000  # rows of the backfill-vs-stream comparison
+    consumer_seconds: float = 12.0  # the consumer section's steady load (its N is ``backlog``)
+    # ... and a light load beside it, which the kit sustains even when ``rate`` is above what
+    # it can apply: what it adds to each event's age when it is not the bottleneck
+    consumer_light_rate: float = 500.0
+    consumer_light_seconds: float = 10.0
 
     @staticmethod
     def make(
@@ -187,6 +200,7 @@ class Plan:
             "backlog": backlog,
             "big_txn": big_txn,
             "recovery": (100_000 if quick else 1_000_000) // shrink,
+            "consumer_seconds": seconds or (12.0 if quick else 30.0),
         }
         if quick:
             return Plan(
@@ -224,6 +238,7 @@ class Bench:
         self._cluster_broker: Broker | None = None
         self.meta: dict[str, Any] = {}
         self.pki: Authority
+        self.consumers = ConsumerBench(self, EXCHANGE)
 
     # -- servers --------------------------------------------------------------------------------
     def start(self) -> Result:
@@ -245,6 +260,8 @@ class Bench:
         if "scale" in self.plan.sections:
             self.cluster = RabbitCluster(self.root / "cluster").start()
             self.cluster_broker.declare_exchange(EXCHANGE)
+        if "consumer" in self.plan.sections:
+            self.consumers.setup()
         props = getattr(self.broker.connection, "_impl", None)
         server = getattr(props, "server_properties", {}) or {}
         version = server.get("version", b"?")
@@ -252,6 +269,7 @@ class Bench:
             postgres=row[0] if row else "?",
             rabbitmq=version.decode() if isinstance(version, bytes) else str(version),
             servers_start_s=round(time.monotonic() - t, 1),
+            cdc_relay_imported_from=_children_import(),
         )
         return dict(self.meta)
 
@@ -338,6 +356,10 @@ class Bench:
         return self._cluster_broker
 
     # -- helpers --------------------------------------------------------------------------------
+    def relay_settings(self, slot: str, extra_env: dict[str, str]) -> dict[str, str]:
+        """The relay's environment for ``slot``, as ``relay`` gives it, with ``extra_env``."""
+        return {**self._relay_env(slot), **extra_env}
+
     def _relay_env(self, slot: str) -> dict[str, str]:
         # The metrics endpoint stays on, as in production, on a port nobody else holds.
         # status_interval must stay below the server's wal_sender_timeout (README); the sandbox
@@ -545,7 +567,7 @@ class Bench:
                     per_node[name] = (used - nodes0.get(name, 0.0)) / n * 1e6
                 # from the walsender's start: it serves this relay's connection alone, and it
                 # decodes ahead of the relay, some of it before its pid could be read
-                wal1 = _cpu_or_none(walsender)
+                wal1 = cpu_or_none(walsender)
                 rss = relay.peak_rss_mb()
                 relay.stop()  # flushes the spans still buffered, then exits
                 problems = relay.log_problems()
@@ -632,7 +654,7 @@ class Bench:
                 alive = lambda: all(r.alive() for r in procs)  # noqa: E731 - a one-line check
                 t1, depth = self.broker.wait_depth(q, n, self.drain_timeout(n), alive=alive)
                 cpu = sum(r.cpu() - c0 for r, (_, c0) in zip(procs, started, strict=True))
-                wal = [_cpu_or_none(pid) for pid in walsenders]
+                wal = [cpu_or_none(pid) for pid in walsenders]
                 rss = max(r.peak_rss_mb() for r in procs)
                 for r in procs:
                     r.stop()
@@ -858,10 +880,10 @@ class Bench:
                 relay.expect("ready", 60)
             time.sleep(1.0)  # past start-up
             xacts0, cpu0, pg0 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
-            wal0 = _cpu_or_none(walsender)
+            wal0 = cpu_or_none(walsender)
             time.sleep(seconds)
             xacts1, cpu1, pg1 = self._xacts(), relay.cpu(), self._server_cpu(broker=False)
-            wal1 = _cpu_or_none(walsender)
+            wal1 = cpu_or_none(walsender)
             if isinstance(relay, CdcRelay):
                 relay.stop()
             else:
@@ -895,12 +917,12 @@ class Bench:
         the machine: the scale section runs four, and other work may run its own."""
         if cluster:
             return sum(self.node_cpu().values())
-        return _cpu_or_none(_pid_of(self.rabbit.pidfile)) or 0.0
+        return cpu_or_none(_pid_of(self.rabbit.pidfile)) or 0.0
 
     def node_cpu(self) -> dict[str, float]:
         """CPU seconds of each cluster node's VM, by node name."""
         assert self.cluster is not None
-        return {n.node: _cpu_or_none(n.pid) or 0.0 for n in self.cluster.nodes}
+        return {n.node: cpu_or_none(n.pid) or 0.0 for n in self.cluster.nodes}
 
     def _server_cpu(self, broker: bool = True) -> float:
         """CPU seconds of every PostgreSQL process (postmaster and its children) and, with
@@ -979,16 +1001,6 @@ def _pid_of(pidfile: Path) -> int | None:
         return None
 
 
-def _cpu_or_none(pid: int | None) -> float | None:
-    """utime+stime of ``pid`` in seconds; None without a pid or once it is gone."""
-    if pid is None:
-        return None
-    try:
-        return cpu_seconds(pid)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def tracing_off_path(txn_size: int) -> Result:
     """What tracing costs the relay when it is off, measured on the relay's own object.
 
@@ -1027,6 +1039,23 @@ def tracing_off_path(txn_size: int) -> Result:
     }
 
 
+def _children_import() -> str:
+    """Where the children's ``cdc_relay`` comes from: they run in this checkout (cwd), which
+    must win over the editable install of another one (a worktree shares its venv)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import cdc_relay; print(cdc_relay.__file__)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    path = Path(out.stdout.strip())
+    if not path.is_relative_to(REPO):
+        raise RuntimeError(f"children would import {path}, not this checkout's ({REPO})")
+    return str(path)
+
+
 def _git() -> dict[str, Any]:
     def run(*args: str) -> str:
         out = subprocess.run(
@@ -1054,6 +1083,17 @@ def _step(
                     f", CPU µs/event: relay {r['cpu_us_per_event']:.1f}, "
                     f"walsender {r['walsender_cpu_us_per_event']:.1f}"
                 )
+            elif key.startswith("consumer_") and r.get("cpu_us_per_event") is not None:
+                extra += f", consumer CPU {r['cpu_us_per_event']:.1f} µs/event"
+                if r.get("inbox_backend_cpu_us_per_event") is not None:
+                    extra += f", its inbox backend {r['inbox_backend_cpu_us_per_event']:.1f}"
+        elif "age_ms" in r:
+            a = r["age_ms"]
+            extra = (
+                f"age p50 {a['p50']:.1f}, p99 {a['p99']:.1f}, max {a['max']:.1f} ms "
+                f"({r['received']:,} of {r['committed']:,}); "
+                f"writer {r['achieved_rate']:,.0f} ev/s of {r['offered_rate']:,.0f}"
+            )
         elif "commit_latency_ms" in r:
             extra = f"p99 {r['commit_latency_ms']['p99']:.1f} ms (commit)"
         elif "created_latency_ms" in r:
@@ -1125,6 +1165,52 @@ def _scale_steps(bench: Bench, plan: Plan) -> list[Step]:
                 partial(bench.split_drain, "split_two", n, plan.txn_size, 2),
             ),
         ]
+    if "consumer" in plan.sections:
+        steps += _consumer_steps(bench, plan)
+    return steps
+
+
+def _consumer_steps(bench: Bench, plan: Plan) -> list[Step]:
+    """Round after round: the relay fills both consumers' queues with the same N envelopes,
+    the bare consumer and the kit each drain one, then each takes the steady load and the
+    light load; which of the two goes first alternates by round, so neither always inherits
+    the other's clean-up."""
+    n, c = plan.backlog, bench.consumers
+    who = {"bare": "bare pika consumer", "kit": "cdc-relay consume"}
+    loads = {
+        "steady": (plan.rate, plan.consumer_seconds),
+        "light": (plan.consumer_light_rate, plan.consumer_light_seconds),
+    }
+    steps: list[Step] = []
+    for r in range(1, plan.rounds + 1):
+        tag = f" (round {r}/{plan.rounds})"
+        order = ("bare", "kit") if r % 2 else ("kit", "bare")
+        steps.append(
+            (
+                f"consumer_fill#{r}",
+                f"cdc-relay fills both consumers' queues, N={n:,}{tag}",
+                partial(c.fill, n, plan.txn_size),
+            )
+        )
+        for kind in order:
+            handler = " (no-op handler)" if kind == "kit" else ""
+            steps.append(
+                (
+                    f"consumer_{kind}#{r}",
+                    f"{who[kind]}{handler} drains N={n:,}{tag}",
+                    partial(c.drain, kind, n),
+                )
+            )
+        for load, (rate, seconds) in loads.items():
+            for kind in order:
+                handler = " (warehouse handler)" if kind == "kit" else ""
+                steps.append(
+                    (
+                        f"consumer_{load}_{kind}#{r}",
+                        f"{load} {rate:,.0f} ev/s for {seconds:.0f} s, {who[kind]}{handler}{tag}",
+                        partial(c.steady, kind, rate, seconds, plan.txn_size, plan.payload),
+                    )
+                )
     return steps
 
 
@@ -1334,6 +1420,9 @@ def _combine_rounds(results: dict[str, Result]) -> None:
         if any("cpu_ms_per_s" in s for s in samples):
             results[key] = _combine_idle(samples)
             continue
+        if any("age_ms" in s for s in samples):
+            results[key] = _combine_ages(samples)
+            continue
         combined = _combine(samples)
         rss = [s["peak_rss_mb"] for s in samples if "error" not in s and s.get("peak_rss_mb")]
         if rss and "samples" in combined:
@@ -1366,6 +1455,28 @@ def _combine_idle(samples: list[Result]) -> Result:
     return out
 
 
+_AGE_FIELDS = ("p50", "p95", "p99", "max", "mean")
+
+
+def _combine_ages(samples: list[Result]) -> Result:
+    """Rounds of a steady-load age measurement → the median of each percentile over the
+    rounds (the CDF of the median-p99 round); each round's figures, writer's rate included,
+    stay in the rounds' ``samples``."""
+    ok = [s for s in samples if "error" not in s and "age_ms" in s]
+    if not ok:
+        return samples[0]
+    p99 = statistics.median(float(s["age_ms"]["p99"]) for s in ok)
+    base = min(ok, key=lambda s: abs(float(s["age_ms"]["p99"]) - p99))
+    ages = {f: statistics.median(float(s["age_ms"][f]) for s in ok) for f in _AGE_FIELDS}
+    return {
+        **base,
+        "age_ms": {**base["age_ms"], **ages, "n": sum(int(s["age_ms"]["n"]) for s in ok)},
+        "achieved_rate": statistics.median(float(s["achieved_rate"]) for s in ok),
+        "failed_rounds": len(samples) - len(ok),
+        "samples": samples,
+    }
+
+
 def _combine(samples: list[Result]) -> Result:
     """Rounds of one drain → the median rate; every round stays in ``samples``."""
     ok = [s for s in samples if "error" not in s]
@@ -1382,6 +1493,15 @@ def _combine(samples: list[Result]) -> Result:
         "failed_rounds": len(samples) - len(ok),
         "samples": samples,
     }
+
+
+def _steady_seconds(plan: Plan) -> str:
+    """The steady load's length as the header shows it: the consumer section's is its own."""
+    if plan.sections == ("consumer",):
+        return f"{plan.consumer_seconds:.0f} s"
+    if "consumer" in plan.sections and plan.consumer_seconds != plan.seconds:
+        return f"{plan.seconds:.0f} s (consumer section {plan.consumer_seconds:.0f} s)"
+    return f"{plan.seconds:.0f} s"
 
 
 def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
@@ -1402,7 +1522,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         f"cdc-relay benchmark ({'quick' if plan.quick else 'full'}"
         f"{'' if plan.sections == SECTIONS else ', only ' + ', '.join(plan.sections)}): "
         f"payload ~{plan.payload} B, backlog N={plan.backlog:,}, "
-        f"steady {plan.rate:,.0f} ev/s x {plan.seconds:.0f} s, "
+        f"steady {plan.rate:,.0f} ev/s x {_steady_seconds(plan)}, "
         f"window {WINDOW}, poll idle {plan.poll_idle * 1000:.0f} ms, {plan.rounds} rounds; "
         f"servers under {root}",
         flush=True,
@@ -1445,6 +1565,8 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
         targets += report.tls_summary(results)
     if "scale" in plan.sections:
         targets += report.scale_summary(results) + report.split_summary(results)
+    if "consumer" in plan.sections:
+        targets += report.consumer_summary(results, plan)
     print()
     if main_section:
         print(report.table(rows))
@@ -1508,12 +1630,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["shapes", "recovery", "tls", "scale"],
+        choices=["shapes", "recovery", "tls", "scale", "consumer"],
         help="run one section: 'shapes' (the outbox shapes against their two ceilings, the "
         "relay's idle cost and start-up time) or 'recovery' (init --backfill against the "
         "streaming drain of the same rows) or 'tls' (the drain over TLS on both sides "
         "against plain) or 'scale' (the drain into a quorum queue on a three-node cluster "
-        "against a classic queue on one node)",
+        "against a classic queue on one node; two relays over a partitioned outbox against "
+        "one) or 'consumer' (cdc-relay consume against a bare pika consumer: drain rate and "
+        "the age of events applied at a steady rate)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument(

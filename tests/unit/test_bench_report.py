@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from benchmarks import report
-from benchmarks.run import Plan, _combine, _combine_idle, _combine_rounds
+from benchmarks.run import Plan, _combine, _combine_ages, _combine_idle, _combine_rounds
 
 Result = dict[str, Any]
 
@@ -877,10 +877,12 @@ def test_plan_shapes_quick_and_full() -> None:
         10_000,
     )
     assert [s.key for s in QUICK.shapes if s.bytes_target] == ["kb2"]
-    assert QUICK.sections == ("main", "shapes", "recovery", "tls", "scale")
+    assert QUICK.sections == ("main", "shapes", "recovery", "tls", "scale", "consumer")
     only = Plan.make(quick=True, payload=150, rate=2000.0, seconds=None, only="shapes")
     assert only.sections == ("shapes",)
     assert (QUICK.recovery, FULL.recovery) == (100_000, 1_000_000)
+    assert (QUICK.consumer_seconds, FULL.consumer_seconds) == (12.0, 30.0)
+    assert (QUICK.consumer_light_rate, QUICK.consumer_light_seconds) == (500.0, 10.0)
     assert (QUICK.rounds, FULL.rounds) == (2, 3)
 
 
@@ -1273,3 +1275,170 @@ def test_scale_is_reported_as_a_ratio_with_what_each_side_spent() -> None:
     assert one in line["measured"]
     (failed,) = report.scale_summary({"single_classic": drain(), "cluster_quorum": error()})
     assert failed["met"] is None and "boom" in failed["measured"]
+
+
+# -- consumer: the kit against a bare pika consumer --------------------------------------------
+KIT_DRAIN = (
+    "kit drain (no-op handler) >= 0.7 x a bare pika consumer (manual acks, prefetch 100) "
+    "on the same backlog"
+)
+WRITER = "the writer reached its rate (>= 98% of it in every round)"
+
+
+def consumer_drain(rate: float, cpu: float, backend: float | None = None) -> Result:
+    """The shape of ConsumerBench._bare_drain / _kit_drain (the kit's with ``backend``)."""
+    r: Result = {
+        "n": N,
+        "delivered": N,
+        "seconds": N / rate,
+        "rate": rate,
+        "cpu_us_per_event": cpu,
+        "prefetch": 100,
+        "queue_left": 0,
+    }
+    if backend is not None:
+        r.update(inbox_backend_cpu_us_per_event=backend, outcomes={"applied": N})
+    return r
+
+
+def consumer_steady(
+    p50: float, p99: float, *, offered: float = 2000.0, achieved: float = 2000.0, cpu: float = 90.0
+) -> Result:
+    """The shape of ConsumerBench.steady: ages in ms as latency_summary gives them."""
+    ages = report.latency_summary([p50 / 1000] * 98 + [p99 / 1000] * 2)
+    return {
+        "offered_rate": offered,
+        "achieved_rate": achieved,
+        "producer_worst_lag_s": 0.004,
+        "committed": 100,
+        "received": 100,
+        "age_ms": ages,
+        "cpu_us_per_event": cpu,
+    }
+
+
+def consumer_results(kit_rates: tuple[float, float] = (2_400.0, 2_600.0)) -> dict[str, Result]:
+    return {
+        "consumer_fill": _combine([drain(rate=7_000.0), drain(rate=7_400.0)]),
+        "consumer_bare": _combine([consumer_drain(3_000.0, 90.0), consumer_drain(3_400.0, 94.0)]),
+        "consumer_kit": _combine([consumer_drain(r, 300.0, 150.0) for r in kit_rates]),
+        "consumer_steady_bare": _combine_ages(
+            [consumer_steady(2.0, 5.0), consumer_steady(3.0, 7.0)]
+        ),
+        "consumer_steady_kit": _combine_ages(
+            [consumer_steady(4.0, 9.0, cpu=400.0), consumer_steady(6.0, 13.0, cpu=420.0)]
+        ),
+        "consumer_light_bare": _combine_ages(
+            [consumer_steady(1.0, 3.0, offered=500.0, achieved=500.0)]
+        ),
+        "consumer_light_kit": _combine_ages(
+            [consumer_steady(2.0, 4.0, offered=500.0, achieved=499.0)]
+        ),
+    }
+
+
+def test_kit_drain_ratio_from_the_medians_with_rounds_and_cpu() -> None:
+    out = report.consumer_summary(consumer_results(), QUICK)
+    drain_line = target(out, KIT_DRAIN)
+    assert drain_line["met"] is True
+    measured = drain_line["measured"]
+    assert measured.startswith("0.78x (2,500 vs 3,200 ev/s at N=20,000, medians of 2 rounds")
+    assert "per round 0.80x, 0.76x" in measured
+    assert "consumer CPU µs/event kit 300.0 vs bare 92.0, plus 150.0" in measured
+    assert "the relay filled both queues at 7,200 ev/s" in measured
+
+
+def test_kit_drain_below_the_target_is_not_met_and_a_failed_side_is_na() -> None:
+    slow = report.consumer_summary(consumer_results((700.0, 800.0)), QUICK)
+    assert target(slow, KIT_DRAIN)["met"] is False
+    res = consumer_results()
+    res["consumer_kit"] = _combine([error(), error()])
+    failed = report.consumer_summary(res, QUICK)
+    line = next(t for t in failed if t["target"].startswith("kit drain"))
+    assert line["met"] is None and "boom" in line["measured"]
+
+
+def test_ages_side_by_side_with_medians_and_what_the_kit_adds() -> None:
+    out = report.consumer_summary(consumer_results(), QUICK)
+    steady, light = (t for t in out if t["target"].startswith("age at"))
+    assert steady["target"].startswith("age at steady 2,000 ev/s")
+    assert light["target"].startswith("age at light 500 ev/s")
+    assert steady["met"] is None
+    m = steady["measured"]
+    assert m.startswith("kit vs bare: p50 5.0 vs 2.5 ms, p99 11.0 vs 6.0 ms")
+    assert "the kit adds +2.5 ms at p50, +5.0 ms at p99" in m
+    assert "p99 kit/bare per round 9.0/5.0, 13.0/7.0 ms" in m
+    assert "consumer CPU µs/event kit 410.0 vs bare 90.0" in m
+    assert "NOTE" not in m  # the kit drains faster than it is offered
+
+
+def test_ages_say_when_the_kit_cannot_keep_up_with_the_offered_rate() -> None:
+    out = report.consumer_summary(consumer_results((700.0, 900.0)), QUICK)
+    steady, light = (t for t in out if t["target"].startswith("age at"))
+    assert "NOTE the kit drains at 800 ev/s, below the 2,000 offered" in steady["measured"]
+    assert "NOTE" not in light["measured"]
+
+
+def test_ages_na_when_a_side_failed() -> None:
+    res = consumer_results()
+    res["consumer_steady_bare"] = error()
+    out = report.consumer_summary(res, QUICK)
+    steady = next(t for t in out if t["target"].startswith("age at steady"))
+    assert steady["met"] is None and steady["measured"] == "n/a (RuntimeError: boom)"
+
+
+@pytest.mark.parametrize(("achieved", "met"), [(1_960.0, True), (1_950.0, False)])
+def test_writer_rate_checked_in_every_round(achieved: float, met: bool) -> None:
+    res = consumer_results()
+    res["consumer_steady_kit"] = _combine_ages(
+        [consumer_steady(4.0, 9.0), consumer_steady(4.0, 9.0, achieved=achieved)]
+    )
+    line = target(report.consumer_summary(res, QUICK), WRITER)
+    assert line["met"] is met
+    assert f"2,000 ev/s offered: 2,000, {achieved:,.0f}, 2,000, 2,000 achieved" in line["measured"]
+    assert "500 ev/s offered: 499, 500 achieved, at worst 4 ms behind" in line["measured"]
+
+
+def test_writer_rate_na_without_steady_rounds() -> None:
+    line = target(report.consumer_summary({}, QUICK), WRITER)
+    assert line["met"] is None
+
+
+def test_combine_ages_takes_each_percentile_median_and_keeps_rounds() -> None:
+    rounds = [consumer_steady(2.0, 5.0), error(), consumer_steady(4.0, 9.0, achieved=1_990.0)]
+    combined = _combine_ages(rounds)
+    assert combined["age_ms"]["p50"] == 3.0 and combined["age_ms"]["p99"] == 7.0
+    assert combined["age_ms"]["n"] == 200
+    assert combined["achieved_rate"] == 1_995.0
+    assert combined["failed_rounds"] == 1 and combined["samples"] == rounds
+
+
+def test_combine_rounds_routes_age_rounds_to_combine_ages() -> None:
+    res = {"consumer_steady_kit#1": consumer_steady(2.0, 5.0), "consumer_steady_kit#2": error()}
+    _combine_rounds(res)
+    assert res["consumer_steady_kit"]["age_ms"]["p99"] == 5.0
+
+
+def test_age_timeline_worst_age_per_second_of_commit_time() -> None:
+    commits = [100.0, 100.5, 101.2, 103.9]
+    ages = [0.002, 0.004, 0.400, 0.003]
+    assert report.age_timeline(commits, ages) == [[0, 2, 4.0], [1, 1, 400.0], [3, 1, 3.0]]
+    assert report.age_timeline([], []) == []
+
+
+def test_consumer_anomalies() -> None:
+    kit = consumer_drain(800.0, 700.0, 400.0)
+    kit.update(
+        queue_left=3,
+        outcomes={"applied": N - 1, "skipped": 1},
+        consumer_log_problems=[
+            "t warning consumer behind: event applied later than threshold after its commit",
+            "t error handler failed; message dead-lettered: KeyError",
+        ],
+    )
+    found = report.anomalies({"consumer_kit": kit})
+    assert found == [
+        "consumer_kit: 3 messages left in the queue at the end",
+        "consumer_kit: the kit's inbox recorded 1 as skipped",
+        "consumer_kit: consumer log: t error handler failed; message dead-lettered: KeyError",
+    ]
