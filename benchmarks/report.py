@@ -761,6 +761,31 @@ def _writer_rate(results: dict[str, Result]) -> dict[str, Any]:
     return {"target": name, "met": met, "measured": "; ".join(parts)}
 
 
+def ledger_summary(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """The relay's drain with ``ledger = true`` against without (medians of the rounds): what
+    recording each confirmed transaction costs the relay. Reported, no target."""
+    off, on = results.get("ledger_off"), results.get("ledger_on")
+    name = "relay drain with the delivery ledger vs without (reported, no target)"
+    if not (_ok(off) and _ok(on)):
+        why = _error(off) or _error(on) or "not run"
+        return [{"target": name, "met": None, "measured": f"n/a ({why})"}]
+    assert off is not None and on is not None
+    rounds = ", ".join(
+        _r(b / a)
+        for a, b in zip(off.get("round_rates", []), on.get("round_rates", []), strict=False)
+    )
+    return [
+        {
+            "target": name,
+            "met": None,
+            "measured": f"{on['rate'] / off['rate']:.2f}x ({on['rate']:,.0f} vs "
+            f"{off['rate']:,.0f} ev/s at N={on['n']:,}, {on['txn_size']} events per "
+            f"transaction; per round {rounds}; relay CPU µs/event "
+            f"{float(on['cpu_us_per_event']):.1f} vs {float(off['cpu_us_per_event']):.1f})",
+        }
+    ]
+
+
 def targets_text(items: list[dict[str, Any]]) -> str:
     lines = ["targets:"]
     for t in items:

@@ -1132,6 +1132,8 @@ def _steps(bench: Bench, plan: Plan) -> list[Step]:
         steps += _tls_steps(bench, plan)
     if "scale" in plan.sections:
         steps += _scale_steps(bench, plan)
+    if "consumer" in plan.sections:
+        steps += _consumer_steps(bench, plan)
     return steps
 
 
@@ -1211,6 +1213,21 @@ def _consumer_steps(bench: Bench, plan: Plan) -> list[Step]:
                         partial(c.steady, kind, rate, seconds, plan.txn_size, plan.payload),
                     )
                 )
+        # the delivery ledger's price on the relay: the same drain without and with it
+        steps += [
+            (
+                f"ledger_off#{r}",
+                f"cdc-relay drain, ledger off, N={n:,}{tag}",
+                partial(bench.cdc_drain, "ledger_off", n, plan.txn_size),
+            ),
+            (
+                f"ledger_on#{r}",
+                f"cdc-relay drain, ledger = true, N={n:,}{tag}",
+                partial(
+                    bench.cdc_drain, "ledger_on", n, plan.txn_size, settings={"LEDGER": "true"}
+                ),
+            ),
+        ]
     return steps
 
 
@@ -1566,7 +1583,7 @@ def run(plan: Plan, out_dir: Path, sandbox_dir: Path | None) -> int:
     if "scale" in plan.sections:
         targets += report.scale_summary(results) + report.split_summary(results)
     if "consumer" in plan.sections:
-        targets += report.consumer_summary(results, plan)
+        targets += report.consumer_summary(results, plan) + report.ledger_summary(results)
     print()
     if main_section:
         print(report.table(rows))

@@ -84,7 +84,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     ledger: bool = False
     inbox_dsn: str = ""
     consumer_prefetch: int = 300
-    consumer_batch: int = 100
+    consumer_batch: int = 200
     handler_retries: int = 3
     ordering_policy: Literal["skip", "apply", "park"] = "skip"
     audit_interval: float = 0.0

@@ -234,6 +234,10 @@ class Consumer:
         self.age_alert = AgeAlert(cfg.alert_latency, self.metrics)
         self.tracing = tracing or Tracing(False)
         self._spans: dict[int, Any] = {}
+        self._positions: dict[int, inbox.Position] = {}  # by delivery tag, until acknowledged
+        # the children every applied event updates, looked up once
+        self._age = self.metrics.age.labels(queue)
+        self._applied = self.metrics.events.labels(queue, inbox.Outcome.APPLIED.value)
 
     def run(self) -> None:
         self._db = db = open_inbox(self.cfg)
@@ -310,7 +314,7 @@ class Consumer:
         for d in batch:
             try:
                 event = inbox.decode(d.body)
-                inbox.position(event)
+                self._positions[d.tag] = inbox.position(event)  # read once, used by the guard
             except inbox.NotAnEnvelope as exc:
                 self._apply(channel, run)
                 run = []
@@ -324,7 +328,7 @@ class Consumer:
         event, which is retried alone (so its aggregate's order holds) or dead-lettered."""
         while run:
             try:
-                outcomes = self._transaction([e for _, e in run])
+                outcomes = self._transaction(run)
             except inbox.HandlerFailed as failed:
                 before, (d, event) = run[: failed.index], run[failed.index]
                 run = run[failed.index + 1 :]
@@ -340,7 +344,7 @@ class Consumer:
             time.sleep(delay)
             delay *= 2
             try:
-                outcomes = self._transaction([event])
+                outcomes = self._transaction([(d, event)])
             except inbox.HandlerFailed as failed:
                 cause = failed.cause
                 continue
@@ -358,10 +362,12 @@ class Consumer:
         )
         self._dead_letter(channel, d, f"handler: {cause!r}")
 
-    def _transaction(self, events: list[EnvelopeV1]) -> list[inbox.Outcome]:
+    def _transaction(self, run: list[tuple[Delivery, EnvelopeV1]]) -> list[inbox.Outcome]:
         db = self._db
+        events = [e for _, e in run]
+        positions = [self._positions[d.tag] for d, _ in run]
         try:
-            return inbox.apply(db, events, self.handler, self.cfg.ordering_policy)
+            return inbox.apply(db, events, self.handler, self.cfg.ordering_policy, positions)
         except inbox.HandlerFailed:
             if db.closed or db.broken:
                 raise ConnectionLost("the inbox database connection broke", side=POSTGRES) from None
@@ -383,14 +389,28 @@ class Consumer:
             return
         failpoints.crash("consumer.after_commit")  # fault tests: committed, not acked
         channel.basic_ack(run[-1][0].tag, multiple=True)
+        positions = self._positions
+        for d, _ in run:
+            del positions[d.tag]
         now = time.time()
+        age_of = self._age.observe
+        applied = inbox.Outcome.APPLIED
+        spans = self._spans
         for (d, event), outcome in zip(run, outcomes, strict=True):
-            self._count(outcome)
-            if outcome is inbox.Outcome.APPLIED:
-                age = max(0.0, now - event.committed_at.timestamp())
-                self.metrics.age.labels(self.queue).observe(age)
+            if outcome is applied:
+                age = now - event.committed_at.timestamp()
+                age_of(age if age > 0.0 else 0.0)
                 self.age_alert.observe(age, event.id)
-            self._end_span(d)
+            else:
+                self._count(outcome)
+            if spans:
+                self._end_span(d)
+        done = sum(1 for o in outcomes if o is applied)
+        if done:
+            self._applied.inc(done)
+            self.counts.applied += done
+            by = self.counts.by_outcome
+            by[applied.value] = by.get(applied.value, 0) + done
 
     def _end_span(self, d: Delivery) -> None:
         span = self._spans.pop(d.tag, None)
@@ -398,12 +418,11 @@ class Consumer:
             span.end()
 
     def _count(self, outcome: inbox.Outcome) -> None:
+        """Everything but an applied event (those are counted per batch in ``_done``)."""
         self.metrics.events.labels(self.queue, outcome.value).inc()
         c = self.counts
         c.by_outcome[outcome.value] = c.by_outcome.get(outcome.value, 0) + 1
-        if outcome is inbox.Outcome.APPLIED:
-            c.applied += 1
-        elif outcome is inbox.Outcome.DUPLICATE:
+        if outcome is inbox.Outcome.DUPLICATE:
             c.duplicates += 1
         elif outcome is inbox.Outcome.SKIPPED:
             c.skipped += 1
@@ -412,6 +431,7 @@ class Consumer:
             c.parked += 1
 
     def _dead_letter(self, channel: Any, d: Delivery, why: str) -> None:
+        self._positions.pop(d.tag, None)
         self.counts.dead_lettered += 1
         self.metrics.events.labels(self.queue, "dead_lettered").inc()
         exchange = self.cfg.dead_letter_exchange
