@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from hypothesis import settings
 
-from tests.integration.harness import Env, dsn_for
+from tests.integration.harness import Env, drop_database, dsn_for
 from tests.sandbox import PostgresSandbox, RabbitSandbox
 
 # The suite is what gates a change, so it draws the same examples on every run: a red CI run is
@@ -78,10 +78,4 @@ def env(
     finally:
         for relay in e.relays:
             relay.close()
-        with psycopg.connect(pg.url, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND NOT active",
-                (name,),
-            )
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(pg, name)

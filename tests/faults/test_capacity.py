@@ -260,10 +260,11 @@ def bind(env: Env, alternate: bool) -> None:
 
 
 def drain_ids(env: Env, queue: str) -> list[str]:
-    """Every message id waiting in ``queue`` (acked: taken out)."""
+    """Every message id waiting in ``queue`` (acked: taken out). Declared passively: the relay
+    made the unroutable queue, as a quorum queue, and a classic re-declaration is refused."""
     ids: list[str] = []
     with env.channel() as ch:
-        ch.queue_declare(queue, durable=True)
+        ch.queue_declare(queue, passive=True)
         while True:
             method, props, _body = ch.basic_get(queue, auto_ack=True)
             if method is None:

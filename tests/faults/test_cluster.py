@@ -18,7 +18,6 @@ Whatever a test leaves broken (a node down, a partition) is repaired before the 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -34,13 +33,16 @@ import pytest
 from tests.cluster import ClusterNode, RabbitCluster
 from tests.faults.checks import Verdict, verify
 from tests.integration.harness import (
-    Delivery,
     Env,
     Flood,
     Relay,
     assert_per_aggregate_order,
+    count_records,
+    drop_database,
     dsn_for,
+    inbox_database,
     insert_events,
+    log_records,
     outbox_row,
 )
 from tests.integration.test_consumer import ConsumerProc
@@ -146,35 +148,17 @@ def cenv(
             flood.stop()
         for relay in e.relays:
             relay.close()
-        with psycopg.connect(pg.url, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND NOT active",
-                (name,),
-            )
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        drop_database(pg, name)
         cluster.repair()  # the next test starts on three healthy nodes
 
 
 # -- reading the relay --------------------------------------------------------------------------
 def records(log: str) -> list[dict[str, Any]]:
-    """The structured lines of a relay's or consumer's log."""
-    out: list[dict[str, Any]] = []
-    for line in log.splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return log_records(log)
 
 
 def count(relay: Relay, msg: str, contains: str = "") -> int:
-    return sum(
-        1
-        for r in records(relay.log())
-        if r.get("msg") == msg and contains in str(r.get("error", ""))
-    )
+    return count_records(relay.log(), msg, contains)
 
 
 def tail(log: str, lines: int = 30) -> str:
@@ -237,24 +221,6 @@ def delivering(env: ClusterEnv, more: int = 300, timeout: float = 60) -> None:
     )
 
 
-def drain(
-    env: ClusterEnv, expected: list[str], timeout: float = 120, settle: float = 1.5
-) -> list[Delivery]:
-    """Consume until every expected id arrived, then ``settle`` seconds more for late extras."""
-    want = set(expected)
-    seen: set[str] = set()
-    got: list[Delivery] = []
-    deadline = time.monotonic() + timeout
-    while not want <= seen and time.monotonic() < deadline:
-        batch = env.consume(
-            len(want - seen), timeout=max(0.5, deadline - time.monotonic()), settle=0.2
-        )
-        got.extend(batch)
-        seen.update(d.message_id for d in batch)
-    got.extend(env.consume(0, timeout=settle + 5, settle=settle))
-    return got
-
-
 def finish(
     name: str,
     env: ClusterEnv,
@@ -266,7 +232,7 @@ def finish(
 ) -> Verdict:
     """Stop the flood, drain, and judge; the relay must still run and stop cleanly."""
     committed = list(flood.stop())
-    got = drain(env, committed)
+    got = env.consume_all(committed)
     verdict = verify(
         committed,
         got,
@@ -545,7 +511,7 @@ def test_classic_unroutable_queue_whose_node_dies(cenv: ClusterEnv) -> None:
     delivering(env)
     flood.wait_for(len(flood.committed) + 300)
     committed = list(flood.stop())
-    got = drain(env, committed)  # while the queue's node is still down
+    got = env.consume_all(committed)  # while the queue's node is still down
     verdict = verify(
         committed,
         got,
@@ -585,19 +551,8 @@ def test_classic_unroutable_queue_whose_node_dies(cenv: ClusterEnv) -> None:
 
 @pytest.fixture
 def inbox_dsn(cenv: ClusterEnv) -> Iterator[str]:
-    name = f"{cenv.dbname}_inbox"[:63]
-    with psycopg.connect(cenv.pg.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    dsn = dsn_for(cenv.pg, name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
-            "aggregate_id text NOT NULL, seq int)"
-        )
-    yield dsn
-    with psycopg.connect(cenv.pg.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    with inbox_database(cenv.pg, cenv.dbname) as dsn:
+        yield dsn
 
 
 def _applied(dsn: str) -> list[tuple[str, str, int | None]]:

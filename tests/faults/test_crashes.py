@@ -9,7 +9,6 @@ in per-aggregate commit order. ``pytest -s`` prints each scenario's counts.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -23,7 +22,7 @@ import pytest
 from cdc_relay.lsn import Lsn
 from tests.faults.checks import Verdict, verify
 from tests.faults.proxy import TcpProxy
-from tests.integration.harness import Delivery, Env, Flood, Relay
+from tests.integration.harness import Env, Flood, Relay, count_records, log_records
 
 pytestmark = pytest.mark.integration
 
@@ -33,21 +32,11 @@ RETRYING = "retrying after failure"
 
 # -- helpers ------------------------------------------------------------------------------------
 def _records(relay: Relay) -> list[dict[str, Any]]:
-    """The relay's structured log lines (non-JSON lines, e.g. a traceback, are skipped)."""
-    out: list[dict[str, Any]] = []
-    for line in relay.log().splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
+    return log_records(relay.log())
 
 
 def _count(relay: Relay, msg: str, contains: str = "") -> int:
-    return sum(
-        1 for r in _records(relay) if r.get("msg") == msg and contains in str(r.get("error", ""))
-    )
+    return count_records(relay.log(), msg, contains)
 
 
 def _wait_log(
@@ -80,25 +69,6 @@ def _via(url: str, port: int) -> str:
     new = url.replace(f"127.0.0.1:{old}", f"127.0.0.1:{port}", 1)
     assert new != url, url
     return new
-
-
-def _drain(
-    env: Env, expected_ids: list[str], timeout: float = 90, settle: float = 1.5
-) -> list[Delivery]:
-    """Consume until every expected id arrived at least once, then ``settle`` seconds more to
-    catch late duplicates or events that should not exist."""
-    want = set(expected_ids)
-    seen: set[str] = set()
-    got: list[Delivery] = []
-    deadline = time.monotonic() + timeout
-    while not want <= seen and time.monotonic() < deadline:
-        batch = env.consume(
-            len(want - seen), timeout=max(0.5, deadline - time.monotonic()), settle=0.2
-        )
-        got.extend(batch)
-        seen.update(d.message_id for d in batch)
-    got.extend(env.consume(0, timeout=settle + 5, settle=settle))
-    return got
 
 
 def _report(name: str, verdict: Verdict, started: float, **extra: object) -> None:
@@ -150,7 +120,7 @@ def _finish(
     **extra: object,
 ) -> Verdict:
     committed = list(flood.stop())
-    got = _drain(env, committed)
+    got = env.consume_all(committed)
     verdict = verify(
         committed,
         got,
@@ -207,7 +177,7 @@ def test_sigterm_mid_flood_stops_cleanly_and_restart_resends_nothing(
     committed = list(flood.stop())
     relay2 = env.start_relay(reconnect_max="2")
     relay2.wait_streaming()
-    got = _drain(env, committed)
+    got = env.consume_all(committed)
     verdict = verify(
         committed,
         got,

@@ -32,6 +32,57 @@ def dsn_for(pg: PostgresSandbox, dbname: str) -> str:
     return pg.url.rsplit("/", 1)[0] + "/" + dbname
 
 
+def drop_database(pg: PostgresSandbox, name: str) -> None:
+    """A test's database and its slot (named like it), after the test."""
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND NOT active",
+            (name,),
+        )
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+def log_records(log: str) -> list[dict[str, Any]]:
+    """The structured lines of a relay's or consumer's log (a traceback's lines are skipped)."""
+    out: list[dict[str, Any]] = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def count_records(log: str, msg: str, contains: str = "") -> int:
+    """Log lines with this message whose error contains ``contains``."""
+    return sum(
+        1 for r in log_records(log) if r.get("msg") == msg and contains in str(r.get("error", ""))
+    )
+
+
+@contextmanager
+def inbox_database(pg: PostgresSandbox, source_dbname: str) -> Iterator[str]:
+    """A consumer's own database beside the source one, with the table the test handlers
+    (``tests.integration.handlers``) write to; yields its DSN, drops it afterwards."""
+    name = f"{source_dbname}_inbox"[:63]
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    dsn = dsn_for(pg, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
+            "aggregate_id text NOT NULL, seq int)"
+        )
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
 @dataclass
 class Delivery:
     message_id: str
@@ -140,6 +191,25 @@ class Env:
         finally:
             if conn.is_open:
                 conn.close()
+
+    def consume_all(
+        self, expected_ids: list[str], timeout: float = 90, settle: float = 1.5
+    ) -> list[Delivery]:
+        """Consume until every expected id arrived at least once (across reconnects and
+        faults), then ``settle`` seconds more to catch late duplicates or events that should
+        not exist."""
+        want = set(expected_ids)
+        seen: set[str] = set()
+        got: list[Delivery] = []
+        deadline = time.monotonic() + timeout
+        while not want <= seen and time.monotonic() < deadline:
+            batch = self.consume(
+                len(want - seen), timeout=max(0.5, deadline - time.monotonic()), settle=0.2
+            )
+            got.extend(batch)
+            seen.update(d.message_id for d in batch)
+        got.extend(self.consume(0, timeout=settle + 5, settle=settle))
+        return got
 
     def consume(self, expected: int, timeout: float = 60, settle: float = 0.5) -> list[Delivery]:
         """Read until ``expected`` messages arrived (or timeout), then ``settle`` more seconds

@@ -18,26 +18,15 @@ import pika
 import psycopg
 import pytest
 
-from tests.integration.harness import REPO, Env, Flood, dsn_for, insert_events, outbox_row
+from tests.integration.harness import REPO, Env, Flood, inbox_database, insert_events, outbox_row
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def inbox_dsn(env: Env) -> Iterator[str]:
-    name = f"{env.dbname}_inbox"[:63]
-    with psycopg.connect(env.pg.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    dsn = dsn_for(env.pg, name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
-            "aggregate_id text NOT NULL, seq int)"
-        )
-    yield dsn
-    with psycopg.connect(env.pg.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    with inbox_database(env.pg, env.dbname) as dsn:
+        yield dsn
 
 
 class ConsumerProc:

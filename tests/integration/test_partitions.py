@@ -23,7 +23,7 @@ from tests.integration.harness import (
     Delivery,
     Env,
     Flood,
-    dsn_for,
+    inbox_database,
     insert_events,
     outbox_row,
 )
@@ -108,16 +108,11 @@ def _collect(
 @contextmanager
 def _inbox_consumer(env: Env, queue: str) -> Iterator[str]:
     """``cdc-relay consume`` of ``queue`` into an inbox database of its own; yields its DSN."""
-    name = f"{env.dbname}_inbox"[:63]
-    with psycopg.connect(env.pg.url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    dsn = dsn_for(env.pg, name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE applied_events (n bigserial PRIMARY KEY, event_id text NOT NULL, "
-            "aggregate_id text NOT NULL, seq int)"
-        )
+    with inbox_database(env.pg, env.dbname) as dsn:
+        yield from _consuming(env, queue, dsn)
+
+
+def _consuming(env: Env, queue: str, dsn: str) -> Iterator[str]:
     proc_env = env.relay_env(inbox_dsn=dsn, http_address="")
     del proc_env["CDC_RELAY_PG_DSN"]
     with (env.tmp / "consumer.log").open("wb") as log:
@@ -133,8 +128,6 @@ def _inbox_consumer(env: Env, queue: str) -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(30)
-            with psycopg.connect(env.pg.url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
 def _setup_split(env: Env) -> None:

@@ -375,12 +375,14 @@ class _FakeConnection:
         return ch
 
 
-def _publisher(**kwargs: Any) -> tuple[Any, list[Any]]:
+def _publisher(
+    url: Any = "amqp://guest:guest@127.0.0.1:1/%2F", **kwargs: Any
+) -> tuple[Any, list[Any]]:
     from cdc_relay.rabbitmq import Publisher
 
     failures: list[Any] = []
     publisher = Publisher(
-        "amqp://guest:guest@127.0.0.1:1/%2F",
+        url,
         ["outbox"],
         "topic",
         True,
@@ -533,22 +535,9 @@ def test_a_lost_connection_seen_first_by_the_channel_moves_the_rotation_on() -> 
     import pika.exceptions
 
     from cdc_relay.brokers import Brokers
-    from cdc_relay.rabbitmq import Publisher
 
     brokers = Brokers("amqp://127.0.0.1:1/,amqp://127.0.0.1:2/,amqp://127.0.0.1:3/")
-    failures: list[Any] = []
-    publisher = Publisher(
-        brokers,
-        ["outbox"],
-        "topic",
-        True,
-        30,
-        ioloop=None,
-        on_ready=lambda: None,
-        on_confirm=lambda *_: None,
-        on_failure=failures.append,
-        on_closed=lambda: None,
-    )
+    publisher, failures = _publisher(brokers)
     brokers.connected(0)
     channel = _FakeChannel()
     publisher._channel = channel
